@@ -1,0 +1,49 @@
+"""Model families and the registry. Importing this package registers every model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from .registry import DEFAULT_MODEL, create_model, get_config, get_entry, list_models, register_model
+from .weights import load_strict
+from . import san  # noqa: F401  (registers SAN configs)
+
+
+def load_model(name: str | None = None, checkpoint: str | Path | None = None, clip: str | Path | None = None,
+               device: str | torch.device = "cpu", trust_jit: bool = False, **overrides: Any) -> torch.nn.Module:
+    """Build a registered model and load its weights, in eval mode.
+
+    ``checkpoint``: our own or the official release file of that model. ``clip``: separate CLIP weights (OpenAI or
+    open_clip file) for checkpoints that carry none. With neither, the model's bundled weights are used if it has
+    any, else it is randomly initialised with a warning.
+    """
+    from ..clip.load import read_state_dict
+
+    name = name or DEFAULT_MODEL
+    entry = get_entry(name)
+    model = create_model(name, **overrides)
+    if clip is not None:
+        clip_state = read_state_dict(clip, trust_jit=trust_jit)
+        try:
+            load_strict(model.clip, clip_state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{clip}: {e}") from None
+    checkpoint = checkpoint if checkpoint is not None else entry.weights
+    if checkpoint is not None:
+        state = read_state_dict(checkpoint, trust_jit=trust_jit)
+        try:
+            model.load_checkpoint_state(state, allow_missing_clip=clip is not None)
+        except CheckpointError as e:
+            raise CheckpointError(f"{checkpoint}: {e}") from None
+    elif clip is None:
+        warnings.warn(f"model {name!r} has no weights loaded: it is randomly initialised and its output is noise; "
+                      f"pass checkpoint=... (and clip=... if the checkpoint has no CLIP)", stacklevel=2)
+    return model.to(device).eval()
+
+
+__all__ = ["load_model", "list_models", "create_model", "get_config", "get_entry", "register_model"]

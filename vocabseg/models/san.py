@@ -1,0 +1,480 @@
+"""SAN — Side Adapter Network (Xu et al., CVPR 2023, arXiv 2302.12242).
+
+A small side ViT sees the image at full resolution; a frozen CLIP ViT sees it at a lower resolution (asymmetric
+input). CLIP features after ``ln_pre`` and a few blocks are added into the side network. From the side network's
+last blocks, 100 queries give mask proposals (query · pixel embedding) and per-head attention biases. The last CLIP
+blocks then run once more with 100 [SOS] tokens (copies of [CLS]) whose attention to the patches is steered by the
+biases; each [SOS] output, through CLIP's head, is the CLIP embedding of one mask and is classified against text
+embeddings of any vocabulary plus a learnt background embedding.
+
+Reads top to bottom: side-network parts, the side network, the recognition mask, the model, the official key map,
+registered configs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..clip.model import CLIP, CLIPConfig, config_for
+from ..errors import CheckpointError
+from .base import OpenVocabModel
+from .registry import register_model
+from .weights import load_strict
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class SANConfig:
+    clip: CLIPConfig = field(default_factory=lambda: config_for("ViT-B/16"))
+    clip_scale: float = 0.5  # CLIP sees the (padded) image resized by this factor
+    fusion_map: tuple[tuple[int, int], ...] = ((0, 0), (3, 1), (6, 2), (9, 3))  # (CLIP layer, side position)
+    rec_start: int = 9  # CLIP blocks rec_start.. run with the [SOS] tokens
+    side_width: int = 240
+    side_depth: int = 8
+    side_heads: int = 6
+    side_patch: int = 16
+    side_mlp_ratio: float = 4.0
+    side_image_size: int = 640  # the side network's positional embedding grid = side_image_size / side_patch
+    num_queries: int = 100
+    embed_channels: int = 256
+    mlp_channels: int = 256
+    mlp_layers: int = 3
+    deep_supervision: tuple[int, ...] = (7, 8)  # side blocks (1-based) whose output is decoded while training
+    sos_mask_value: float = -100.0
+    templates: str = "vild"
+    short_side: int = 640  # inference resize: short side, capped so the long side stays <= max_side
+    max_side: int = 2560
+    size_divisibility: int = 32
+
+
+# ----------------------------------------------------------------------------------------------- side network
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a [B, C, H, W] map."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)  # [B, C, h, w]
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+class SideAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, width * 3)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class SideMlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SideBlock(nn.Module):
+    """Pre-norm ViT block (timm layout: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2; LayerNorm eps 1e-6)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = SideAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = SideMlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Fusion(nn.Module):
+    """Adds a CLIP feature map (LayerNorm2d → 1×1 conv → bilinear resize) to the side network's patch tokens."""
+
+    def __init__(self, clip_width: int, side_width: int):
+        super().__init__()
+        self.norm = LayerNorm2d(clip_width)
+        self.proj = nn.Conv2d(clip_width, side_width, 1)
+
+    def forward(self, tokens: torch.Tensor, clip_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        feat = self.proj(self.norm(clip_map))  # [B, C_side, hc, wc]
+        if feat.shape[-2:] != grid:
+            feat = F.interpolate(feat, size=grid, mode="bilinear", align_corners=False)
+        return tokens + feat.flatten(2).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    """``layers`` affine maps with ReLU between; 1×1 convolutions when ``dense`` (applied to [B, C, H, W])."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int, dense: bool = False):
+        super().__init__()
+        dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+        make = (lambda i, o: nn.Conv2d(i, o, 1)) if dense else nn.Linear
+        self.layers = nn.ModuleList(make(i, o) for i, o in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """Queries and pixels → mask proposals [B, Q, h, w] and attention biases [B, heads, Q, h, w]."""
+
+    def __init__(self, width: int, clip_heads: int, embed: int, hidden: int, layers: int):
+        super().__init__()
+        self.clip_heads, self.embed = clip_heads, embed
+        self.query_mlp = MLP(width, hidden, embed, layers)
+        self.pixel_mlp = MLP(width, hidden, embed, layers, dense=True)
+        self.bias_mlp = MLP(width, hidden, embed * clip_heads, layers, dense=True)
+        self.bias_scale = nn.Linear(1, 1)  # learnt rescaling of the attention bias (RESCALE_ATTN_BIAS)
+
+    def forward(self, queries: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.query_mlp(queries)  # [B, Q, E]
+        masks = torch.einsum("bqc,bchw->bqhw", q, self.pixel_mlp(pixels))
+        b, _, h, w = pixels.shape
+        bias_feat = self.bias_mlp(pixels).view(b, self.clip_heads, self.embed, h, w)
+        bias = torch.einsum("bqc,bnchw->bnqhw", q, bias_feat)
+        bias = bias * self.bias_scale.weight[0, 0] + self.bias_scale.bias[0]  # Linear(1, 1) on each value
+        return masks, bias
+
+
+class SideAdapterNetwork(nn.Module):
+    """The side ViT: queries + patch tokens, CLIP features fused in, masks/biases decoded at chosen blocks."""
+
+    def __init__(self, cfg: SANConfig):
+        super().__init__()
+        c = cfg
+        grid = c.side_image_size // c.side_patch
+        self.patch_embed = PatchEmbed(c.side_patch, c.side_width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, c.side_width))
+        self.query_embed = nn.Parameter(torch.zeros(1, c.num_queries, c.side_width))
+        self.query_pos_embed = nn.Parameter(torch.zeros(1, c.num_queries, c.side_width))
+        self.blocks = nn.ModuleList(SideBlock(c.side_width, c.side_heads, c.side_mlp_ratio) for _ in range(c.side_depth))
+        self.fusions = nn.ModuleDict({str(pos): Fusion(c.clip.vision_width, c.side_width) for _, pos in c.fusion_map})
+        self.decoder = MaskDecoder(c.side_width, c.clip.resolved_vision_heads, c.embed_channels, c.mlp_channels,
+                                   c.mlp_layers)
+        self.fusion_source = {pos: layer for layer, pos in c.fusion_map}
+        self.deep_supervision = tuple(c.deep_supervision)
+        for p in (self.pos_embed, self.query_embed, self.query_pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+        self.apply(_init_linear)
+
+    def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        from ..clip.model import resize_grid_embedding
+
+        return resize_grid_embedding(self.pos_embed[0], grid)[None]  # [1, h*w, C]
+
+    def _fuse(self, position: int, x: torch.Tensor, clip_maps: dict[int, torch.Tensor], grid, n_queries: int):
+        if position not in self.fusion_source:
+            return x
+        patches = self.fusions[str(position)](x[:, n_queries:], clip_maps[self.fusion_source[position]], grid)
+        return torch.cat([x[:, :n_queries], patches], dim=1)
+
+    def forward(self, images: torch.Tensor, clip_maps: dict[int, torch.Tensor], decode_all: bool
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Returns [(masks [B,Q,h,w], biases [B,heads,Q,h,w])] for each supervised block (only the last if not decode_all)."""
+        x, grid = self.patch_embed(images)
+        b, nq = x.shape[0], self.query_embed.shape[1]
+        pos = torch.cat([self.query_pos_embed, self.positional_embedding(grid)], dim=1)
+        x = torch.cat([self.query_embed.expand(b, -1, -1), x], dim=1) + pos
+        x = self._fuse(0, x, clip_maps, grid, nq)
+        wanted = self.deep_supervision if decode_all else self.deep_supervision[-1:]
+        outputs = []
+        for i, block in enumerate(self.blocks, start=1):
+            x = self._fuse(i, block(x), clip_maps, grid, nq)
+            if i in wanted:
+                pixels = x[:, nq:].transpose(1, 2).reshape(b, -1, grid[0], grid[1])
+                outputs.append(self.decoder(x[:, :nq], pixels))
+            if i < len(self.blocks):
+                x = x + pos  # the side ViT re-adds positional embeddings after every block
+        return outputs
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------- recognition
+
+
+def recognition_mask(bias: torch.Tensor, grid: tuple[int, int], blocked: float = -100.0) -> torch.Tensor:
+    """Additive attention mask for the sequence [SOS_1..SOS_Q, CLS, patches] from biases [B, heads, Q, h, w].
+
+    A [SOS] token attends to itself and to the patches (through the bias, max-pooled to CLIP's grid), never to
+    other [SOS] tokens or to [CLS]; [CLS] and patches never attend to [SOS] tokens, so CLIP's own features are
+    unchanged by the extra tokens.
+    """
+    b, heads, q = bias.shape[:3]
+    bias = F.adaptive_max_pool2d(bias.flatten(1, 2), grid).view(b, heads, q, grid[0] * grid[1])
+    n = q + 1 + grid[0] * grid[1]
+    mask = bias.new_zeros(b, heads, n, n)
+    mask[..., :q] = blocked  # nobody attends to SOS tokens ...
+    idx = torch.arange(q, device=bias.device)
+    mask[..., idx, idx] = 0.0  # ... except each SOS to itself
+    mask[..., :q, q] = blocked  # SOS tokens do not see CLS
+    mask[..., :q, q + 1:] = bias
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class SAN(OpenVocabModel):
+    def __init__(self, config: SANConfig):
+        super().__init__()
+        if not config.clip.is_vit:
+            raise ValueError("SAN needs a CLIP ViT image tower")
+        self.config = config
+        self.clip = CLIP(config.clip)
+        self.side = SideAdapterNetwork(config)
+        self.bg_embed = nn.Parameter(torch.randn(1, config.clip.embed_dim) * config.clip.embed_dim ** -0.5)
+        # Trainable: side network, CLIP's visual positional embedding, background embedding (paper: 8.4 M for B/16).
+        self.freeze_clip(keep=("visual.positional_embedding",))
+        mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1) * 255
+        std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1) * 255
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def clip_features(self, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor, tuple[int, int]]:
+        """CLIP's feature part on the down-scaled image: maps for fusion and the tokens entering recognition."""
+        small = F.interpolate(images, scale_factor=self.config.clip_scale, mode="bilinear", align_corners=False)
+        layers = sorted({layer for layer, _ in self.config.fusion_map} | {self.config.rec_start})
+        feats, grid = self.clip.visual.forward_features(small, layers, end=self.config.rec_start)
+        maps = {layer: self.clip.visual.tokens_to_map(feats[layer], grid) for layer, _ in self.config.fusion_map}
+        return maps, feats[self.config.rec_start], grid
+
+    def recognize(self, tokens: torch.Tensor, bias: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Run CLIP's last blocks with [SOS] tokens under the attention biases -> mask embeddings [B, Q, D], L2-normed."""
+        q = bias.shape[2]
+        sos = tokens[:, :1].expand(-1, q, -1)
+        x = torch.cat([sos, tokens], dim=1)
+        mask = recognition_mask(bias, grid, self.config.sos_mask_value)
+        x = self.clip.visual.run_blocks(x, self.config.rec_start, None, attn_mask=mask)
+        return F.normalize(self.clip.visual.head(x[:, :q]), dim=-1)
+
+    def classifier(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """[C, D] class embeddings + the normalised background embedding -> [C+1, D]."""
+        return torch.cat([text_embeddings.to(self.bg_embed.dtype), F.normalize(self.bg_embed, dim=-1)], dim=0)
+
+    def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in 0..255 -> CLIP-normalised (the official model normalises inside, with mean/std × 255)."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> dict:
+        """Normalised images [B, 3, H, W] (H, W multiples of 32) and text embeddings [C, D].
+
+        Returns ``pred_logits`` [B, Q, C+1] (background last) and ``pred_masks`` [B, Q, H/16, W/16] (mask logits);
+        in training mode also ``aux_outputs`` for the earlier supervised block (deep supervision).
+        """
+        clip_maps, rec_tokens, clip_grid = self.clip_features(images)
+        decoded = self.side(images, clip_maps, decode_all=self.training)
+        classes = self.classifier(text_embeddings)  # [C+1, D]
+        scale = self.clip.logit_scale.exp()
+        outs = []
+        for masks, bias in decoded:
+            emb = self.recognize(rec_tokens, bias, clip_grid)
+            outs.append({"pred_logits": scale * emb @ classes.t(), "pred_masks": masks})
+        result = dict(outs[-1])
+        result["aux_outputs"] = outs[:-1]
+        return result
+
+    # -- inference helpers used by the Predictor ------------------------------------------------------------------
+    def inference_size(self, height: int, width: int) -> tuple[int, int]:
+        """Resize so the short side is ``short_side`` while the long side stays <= ``max_side`` (official policy)."""
+        c = self.config
+        scale = c.short_side / min(height, width)
+        if max(height, width) * scale > c.max_side:
+            scale = c.max_side / max(height, width)
+        return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """H×W×3 uint8 -> normalised, zero-padded batch [1, 3, Hp, Wp] and the (h, w) of the image inside it."""
+        from ..predict import resize_image
+
+        h, w = self.inference_size(*image.shape[:2])
+        resized = resize_image(image, (h, w))
+        x = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device).permute(2, 0, 1)[None].float()
+        x = self.normalize_pixels(x)
+        d = self.config.size_divisibility
+        pad_h, pad_w = (-h) % d, (-w) % d
+        return F.pad(x, (0, pad_w, 0, pad_h)), (h, w)
+
+    @torch.inference_mode()
+    def infer(self, pixels: torch.Tensor, text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval forward -> (class probabilities [B, Q, C] without background, mask logits [B, Q, h, w])."""
+        out = self.forward(pixels, text_embeddings)
+        probs = out["pred_logits"].float().softmax(-1)[..., :-1]
+        return probs, out["pred_masks"].float()
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], allow_missing_clip: bool = False) -> None:
+        """Load our own or the official SAN key layout (detected by its prefixes), failing by name on mismatch."""
+        if any(k.startswith(("side_adapter_network.", "clip_visual_extractor.", "ov_classifier.")) for k in state):
+            state = official_to_vocabseg(state, self.config.rec_start)
+        load_strict(self, state, allow_missing_prefix="clip." if allow_missing_clip else None)
+
+
+# ----------------------------------------------------------------------------------------------- official key map
+
+# Official name (regex) -> our name. Every tensor of the release file is covered or explicitly ignored.
+_SIDE = r"side_adapter_network\."
+_KEY_MAP: list[tuple[str, str]] = [
+    (_SIDE + r"vit_model\.patch_embed\.proj\.", "side.patch_embed.proj."),
+    (_SIDE + r"vit_model\.pos_embed$", "side.pos_embed"),
+    (_SIDE + r"vit_model\.blocks\.", "side.blocks."),
+    (_SIDE + r"query_embed$", "side.query_embed"),
+    (_SIDE + r"query_pos_embed$", "side.query_pos_embed"),
+    (_SIDE + r"fusion_layers\.layer_(\d+)\.input_proj\.0\.", r"side.fusions.\1.norm."),
+    (_SIDE + r"fusion_layers\.layer_(\d+)\.input_proj\.1\.", r"side.fusions.\1.proj."),
+    (_SIDE + r"mask_decoder\.query_mlp\.", "side.decoder.query_mlp."),
+    (_SIDE + r"mask_decoder\.pix_mlp\.", "side.decoder.pixel_mlp."),
+    (_SIDE + r"mask_decoder\.attn_mlp\.", "side.decoder.bias_mlp."),
+    (_SIDE + r"mask_decoder\.bias_scaling\.", "side.decoder.bias_scale."),
+    (r"clip_visual_extractor\.resblocks\.", "clip.visual.transformer.resblocks."),
+    (r"clip_visual_extractor\.", "clip.visual."),
+    (r"clip_rec_head\.(ln_post\.|proj$)", r"clip.visual.\1"),
+    (r"ov_classifier\.bg_embed$", "bg_embed"),
+    (r"ov_classifier\.", "clip."),
+]
+_IGNORED = (r"criterion\.empty_weight$", r"ov_classifier\.attn_mask$")
+
+
+def official_to_vocabseg(state: dict[str, torch.Tensor], rec_start: int) -> dict[str, torch.Tensor]:
+    """Rename a SAN release state dict (``side_adapter_network.*``, ``clip_rec_head.*``, ...) to our names.
+
+    ``clip_rec_head.resblocks.i`` is CLIP block ``rec_start + i``; unknown keys raise a CheckpointError by name.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        if any(re.match(p, key) for p in _IGNORED):
+            continue
+        m = re.match(r"clip_rec_head\.resblocks\.(\d+)\.(.*)", key)
+        if m:
+            out[f"clip.visual.transformer.resblocks.{int(m.group(1)) + rec_start}.{m.group(2)}"] = value
+            continue
+        for pattern, repl in _KEY_MAP:
+            if re.match(pattern, key):
+                out[re.sub(pattern, repl, key, count=1)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} unknown tensors in the SAN checkpoint, e.g. {', '.join(unknown[:3])}")
+    return out
+
+
+def vocabseg_to_official(state: dict[str, torch.Tensor], rec_start: int) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`official_to_vocabseg` (used by tests and by ``export --format official``)."""
+    out: dict[str, torch.Tensor] = {}
+    inverse = [
+        (r"side\.patch_embed\.proj\.", "side_adapter_network.vit_model.patch_embed.proj."),
+        (r"side\.pos_embed$", "side_adapter_network.vit_model.pos_embed"),
+        (r"side\.blocks\.", "side_adapter_network.vit_model.blocks."),
+        (r"side\.query_embed$", "side_adapter_network.query_embed"),
+        (r"side\.query_pos_embed$", "side_adapter_network.query_pos_embed"),
+        (r"side\.fusions\.(\d+)\.norm\.", r"side_adapter_network.fusion_layers.layer_\1.input_proj.0."),
+        (r"side\.fusions\.(\d+)\.proj\.", r"side_adapter_network.fusion_layers.layer_\1.input_proj.1."),
+        (r"side\.decoder\.query_mlp\.", "side_adapter_network.mask_decoder.query_mlp."),
+        (r"side\.decoder\.pixel_mlp\.", "side_adapter_network.mask_decoder.pix_mlp."),
+        (r"side\.decoder\.bias_mlp\.", "side_adapter_network.mask_decoder.attn_mlp."),
+        (r"side\.decoder\.bias_scale\.", "side_adapter_network.mask_decoder.bias_scaling."),
+        (r"bg_embed$", "ov_classifier.bg_embed"),
+        (r"clip\.visual\.(ln_post\.|proj$)", r"clip_rec_head.\1"),
+        (r"clip\.visual\.(conv1\.|class_embedding$|positional_embedding$|ln_pre\.)", r"clip_visual_extractor.\1"),
+        (r"clip\.(token_embedding\.|positional_embedding$|transformer\.|ln_final\.|text_projection$|logit_scale$)",
+         r"ov_classifier.\1"),
+    ]
+    for key, value in state.items():
+        m = re.match(r"clip\.visual\.transformer\.resblocks\.(\d+)\.(.*)", key)
+        if m:
+            i = int(m.group(1))
+            name = (f"clip_rec_head.resblocks.{i - rec_start}.{m.group(2)}" if i >= rec_start
+                    else f"clip_visual_extractor.resblocks.{i}.{m.group(2)}")
+            out[name] = value
+            continue
+        for pattern, repl in inverse:
+            if re.match(pattern, key):
+                out[re.sub(pattern, repl, key, count=1)] = value
+                break
+        else:
+            raise KeyError(f"no official name for {key}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- registered configs
+
+
+def _san_b16() -> SANConfig:
+    return SANConfig()
+
+
+def _san_l14() -> SANConfig:
+    # ViT-L/14 release: CLIP at 0.7 × resolution, fusion from blocks 6/12/18, recognition from block 18.
+    return SANConfig(clip=config_for("ViT-L/14"), clip_scale=0.7, fusion_map=((0, 0), (6, 1), (12, 2), (18, 3)),
+                     rec_start=18)
+
+
+def _san_tiny() -> SANConfig:
+    """A few-hundred-k-parameter SAN for tests: 4-block CLIP ViT (width 64), 2-block side network."""
+    clip = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
+                      context_length=77, vocab_size=49408, transformer_width=32, transformer_heads=2,
+                      transformer_layers=2)
+    return SANConfig(clip=clip, clip_scale=0.5, fusion_map=((0, 0), (1, 1), (2, 2)), rec_start=3, side_width=48,
+                     side_depth=3, side_heads=2, side_patch=8, side_image_size=64, num_queries=8, embed_channels=32,
+                     mlp_channels=32, deep_supervision=(2, 3), short_side=64, max_side=256, size_divisibility=16)
+
+
+@register_model("san_vit_b_16", "san", _san_b16(), "SAN with CLIP ViT-B/16 (paper config; load the release .pth)")
+def san_vit_b_16(cfg: SANConfig) -> SAN:
+    return SAN(cfg)
+
+
+@register_model("san_vit_large_14", "san", _san_l14(), "SAN with CLIP ViT-L/14 (paper config; load the release .pth)")
+def san_vit_large_14(cfg: SANConfig) -> SAN:
+    return SAN(cfg)
+
+
+@register_model("san_tiny_test", "san", _san_tiny(), "tiny random SAN for tests", test_only=True)
+def san_tiny_test(cfg: SANConfig) -> SAN:
+    return SAN(cfg)
