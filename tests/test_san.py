@@ -1,0 +1,218 @@
+"""SAN: paper numbers, official checkpoint layout, attention-bias semantics, forward shapes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import vocabseg
+from vocabseg.errors import CheckpointError
+from vocabseg.models import create_model
+from vocabseg.models.san import official_to_vocabseg, recognition_mask, vocabseg_to_official
+
+KEYS_TSV = Path(__file__).parent / "data" / "san_vit_b_16.keys.tsv"
+
+
+def _meta_model(name: str):
+    with torch.device("meta"):
+        return create_model(name)
+
+
+def test_trainable_parameters_match_paper():
+    model = _meta_model("san_vit_b_16")
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    assert abs(trainable - 8.4e6) / 8.4e6 < 0.01, trainable
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "clip.visual.positional_embedding" in names and "bg_embed" in names
+    assert all(n.startswith(("side.", "bg_embed", "clip.visual.positional_embedding")) for n in names)
+    large = sum(p.numel() for p in _meta_model("san_vit_large_14").trainable_parameters())
+    # Ours: 9.0 M (B/16 + 16-head bias MLP + 1024-wide fusions + 257x1024 positions). The paper says 9.3 M; the
+    # 0.3 M gap is not explained by the release layout we know (see docs/models.md), so only the scale is checked.
+    assert abs(large - 9.3e6) / 9.3e6 < 0.04, large
+
+
+def test_flops_at_640_match_paper():
+    model = _meta_model("san_vit_b_16").eval()
+    with torch.device("meta"):
+        x, text = torch.empty(1, 3, 640, 640), torch.empty(171, 512)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, text)
+    macs = counter.get_total_flops() / 2  # torch counts 2 FLOPs per multiply-add; the paper (fvcore) counts 1
+    assert abs(macs - 64.3e9) / 64.3e9 < 0.03, macs
+
+
+def _official_reference_keys() -> dict[str, list[int]]:
+    out = {}
+    for line in KEYS_TSV.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, _ = line.split("\t")
+        out[key] = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
+    return out
+
+
+def test_key_map_covers_release_layout_exactly():
+    reference = _official_reference_keys()
+    assert len(reference) == 442
+    model = _meta_model("san_vit_b_16")
+    ours = vocabseg_to_official(model.state_dict(), rec_start=9)
+    ignored = {"criterion.empty_weight", "ov_classifier.attn_mask"}
+    assert set(ours) == set(reference) - ignored
+    for key, value in ours.items():
+        if key == "clip_visual_extractor.positional_embedding":
+            continue  # the release stores CLIP's 224-px table; ours too (197 x 768)
+        assert list(value.shape) == reference[key], key
+    # and the forward map inverts it
+    back = official_to_vocabseg({k: v for k, v in ours.items()}, rec_start=9)
+    assert set(back) == set(model.state_dict())
+
+
+def _write_official(model, path: Path, extra: dict | None = None) -> None:
+    state = vocabseg_to_official({k: v.clone() for k, v in model.state_dict().items()}, model.config.rec_start)
+    state["criterion.empty_weight"] = torch.ones(172)
+    state["ov_classifier.attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)
+    state.update(extra or {})
+    torch.save({"model": state, "iteration": 59999}, path)
+
+
+def test_official_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    src = create_model("san_tiny_test").eval()
+    for p in src.parameters():  # make every tensor distinctive
+        p.data.normal_(0, 0.05)
+    path = tmp_path / "san_tiny.pth"
+    _write_official(src, path)
+    loaded = vocabseg.load_model("san_tiny_test", checkpoint=path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    x = torch.randn(1, 3, 64, 96)
+    text = F.normalize(torch.randn(4, 32), dim=-1)
+    with torch.no_grad():
+        a, b = src(x, text), loaded(x, text)
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_masks"], b["pred_masks"])
+
+
+def test_official_checkpoint_errors(tmp_path):
+    src = create_model("san_tiny_test")
+    bad = tmp_path / "bad.pth"
+    _write_official(src, bad, extra={"side_adapter_network.unknown_thing": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="unknown_thing"):
+        vocabseg.load_model("san_tiny_test", checkpoint=bad)
+    state = vocabseg_to_official(src.state_dict(), src.config.rec_start)
+    del state["side_adapter_network.query_embed"]
+    missing = tmp_path / "missing.pth"
+    torch.save({"model": state}, missing)
+    with pytest.raises(CheckpointError, match="missing") as err:
+        vocabseg.load_model("san_tiny_test", checkpoint=missing)
+    assert "missing.pth" in str(err.value) and "\n" not in str(err.value)
+    wrong = tmp_path / "wrong_model.pth"
+    _write_official(src, wrong)
+    with pytest.raises(CheckpointError, match="shape"):
+        vocabseg.load_model("san_vit_b_16", checkpoint=wrong)
+
+
+def test_positional_table_of_release_is_resized(tmp_path):
+    """The release stores CLIP's 224-px table; a model built for another grid resizes it on load."""
+    src = create_model("san_tiny_test")
+    state = vocabseg_to_official(src.state_dict(), src.config.rec_start)
+    pe = state["clip_visual_extractor.positional_embedding"]  # [1 + 4*4, C]
+    bigger = torch.cat([pe[:1], F.interpolate(pe[1:].T.reshape(1, -1, 4, 4), size=(6, 6), mode="bilinear").reshape(pe.shape[1], -1).T])
+    state["clip_visual_extractor.positional_embedding"] = bigger
+    path = tmp_path / "pe.pth"
+    torch.save({"model": state}, path)
+    loaded = vocabseg.load_model("san_tiny_test", checkpoint=path)
+    assert loaded.clip.visual.positional_embedding.shape == pe.shape
+    assert torch.equal(loaded.clip.visual.positional_embedding[0], bigger[0])
+
+
+def test_recognition_mask_semantics():
+    b, heads, q, grid = 2, 3, 4, (2, 3)
+    bias = torch.randn(b, heads, q, 4, 6)
+    mask = recognition_mask(bias, grid)
+    n = q + 1 + 6
+    assert mask.shape == (b, heads, n, n)
+    pooled = F.max_pool2d(bias.flatten(1, 2), 2).view(b, heads, q, 6)
+    for i in range(q):
+        row = mask[:, :, i]
+        assert torch.all(row[..., i] == 0)  # itself
+        others = [j for j in range(q) if j != i]
+        assert torch.all(row[..., others] == -100)  # other SOS tokens
+        assert torch.all(row[..., q] == -100)  # not [CLS]
+        assert torch.equal(row[..., q + 1:], pooled[:, :, i])  # patches, through the pooled bias
+    assert torch.all(mask[:, :, q:, :q] == -100)  # CLS and patches never see SOS tokens
+    assert torch.all(mask[:, :, q:, q:] == 0)
+
+
+def test_sos_tokens_do_not_change_clip_features():
+    """Running the recognition blocks with [SOS] tokens leaves the [CLS]/patch outputs exactly as plain CLIP's."""
+    torch.manual_seed(0)
+    model = create_model("san_tiny_test").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, tokens, grid = model.clip_features(x)
+        plain = model.clip.visual.run_blocks(tokens, model.config.rec_start)
+        q = 5
+        bias = torch.randn(1, model.clip.visual.heads, q, 8, 8)
+        seq = torch.cat([tokens[:, :1].expand(-1, q, -1), tokens], dim=1)
+        steered = model.clip.visual.run_blocks(seq, model.config.rec_start, attn_mask=recognition_mask(bias, grid))
+    assert torch.allclose(steered[:, q:], plain, atol=1e-5)
+    # and the bias matters for the SOS outputs
+    with torch.no_grad():
+        other = model.clip.visual.run_blocks(seq, model.config.rec_start, attn_mask=recognition_mask(-bias, grid))
+    assert not torch.allclose(other[:, :q], steered[:, :q], atol=1e-4)
+
+
+def test_blocked_patch_does_not_influence_sos():
+    torch.manual_seed(1)
+    model = create_model("san_tiny_test").eval()
+    with torch.no_grad():
+        _, tokens, grid = model.clip_features(torch.randn(1, 3, 64, 64))
+        bias = torch.zeros(1, model.clip.visual.heads, 1, grid[0], grid[1])
+        bias[..., 0, 0] = -1e4  # query 0 must ignore patch (0, 0)
+        emb1 = model.recognize(tokens, bias, grid)
+        changed = tokens.clone()
+        changed[:, 1] += 5.0  # perturb patch (0, 0) ... only in the last recognition block's input
+        # a single recognition block makes the influence exact: compare with rec blocks limited to one
+        model.config.rec_start = model.clip.visual.num_layers - 1
+        emb_a = model.recognize(tokens, bias, grid)
+        emb_b = model.recognize(changed, bias, grid)
+    assert torch.allclose(emb_a, emb_b, atol=1e-5)
+    assert emb1.shape == (1, 1, model.config.clip.embed_dim)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (80, 112), (48, 160)])
+def test_forward_shapes_train_and_eval(size):
+    model = create_model("san_tiny_test")
+    text = F.normalize(torch.randn(7, 32), dim=-1)
+    x = torch.randn(2, 3, *size)
+    model.train()
+    out = model(x, text)
+    q = model.config.num_queries
+    assert out["pred_logits"].shape == (2, q, 8)
+    assert out["pred_masks"].shape == (2, q, size[0] // 8, size[1] // 8)
+    assert len(out["aux_outputs"]) == len(model.config.deep_supervision) - 1
+    assert not model.clip.training  # frozen CLIP stays in eval mode
+    model.eval()
+    with torch.no_grad():
+        out = model(x, text)
+    assert out["aux_outputs"] == []
+    assert torch.isfinite(out["pred_logits"]).all()
+
+
+def test_gradients_only_reach_trainable_parameters():
+    model = create_model("san_tiny_test").train()
+    out = model(torch.randn(1, 3, 64, 64), F.normalize(torch.randn(3, 32), dim=-1))
+    loss = out["pred_logits"].square().mean() + out["pred_masks"].square().mean() + sum(
+        a["pred_logits"].square().mean() for a in out["aux_outputs"])
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name

@@ -1,0 +1,199 @@
+"""The ``vocabseg`` command line: parse, call the library, report. No logic of its own.
+
+A :class:`vocabseg.errors.UserError` is printed as one line and exits with status 1; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UserError, VocabularyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Open-vocabulary image segmentation on a frozen CLIP.")
+console = Console(stderr=True)
+
+
+def _read_vocabulary(vocab: Optional[str], vocab_file: Optional[Path]) -> list[str]:
+    from .clip.vocabulary import parse_vocabulary
+
+    if vocab and vocab_file:
+        raise VocabularyError("give either --vocab or --vocab-file, not both")
+    if vocab_file is not None:
+        if not vocab_file.is_file():
+            raise VocabularyError(f"vocabulary file {vocab_file} does not exist")
+        return parse_vocabulary(vocab_file.read_text(encoding="utf-8"))
+    if not vocab:
+        raise VocabularyError("the vocabulary is empty: pass --vocab \"cat, dog, grass\" or --vocab-file names.txt")
+    return parse_vocabulary(vocab)
+
+
+def _load(model: Optional[str], checkpoint: Optional[Path], clip: Optional[Path], device: str, trust_jit: bool):
+    from .models import load_model
+
+    for label, path in (("checkpoint", checkpoint), ("CLIP weights", clip)):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{label} file {path} does not exist")
+    return load_model(model, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit)
+
+
+@app.command()
+def segment(
+    inputs: Path = typer.Argument(..., help="An image file or a folder of images."),
+    vocab: Optional[str] = typer.Option(None, "--vocab", "-v", help='Class names, comma separated: "cat, dog, grass".'),
+    vocab_file: Optional[Path] = typer.Option(None, "--vocab-file", help="A text file with one class name per line."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name (default: the embedded model)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights file of that model."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="Separate CLIP weights (OpenAI .pt / open_clip file)."),
+    out: Path = typer.Option(Path("vocabseg_out"), "--out", "-o", help="Output folder."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    skip_existing: bool = typer.Option(False, help="Skip images whose outputs already exist (resume a folder run)."),
+    trust_jit: bool = typer.Option(False, help="Allow loading TorchScript checkpoints (runs code from the file)."),
+) -> None:
+    """Segment images with any vocabulary; writes a label PNG, an overlay with legend and a JSON per image."""
+    from rich.progress import Progress
+
+    from .io import list_images, save_label_png
+    from .predict import Predictor
+    from .viz import make_palette
+
+    names = _read_vocabulary(vocab, vocab_file)
+    files = list_images(inputs)
+    if not files:
+        raise UserError(f"no images found in {inputs}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    files = files[rank::world]  # under torchrun each process takes its share of the files
+    net = _load(model, checkpoint, clip, device, trust_jit)
+    predictor = Predictor(net)
+    text = net.text_embeddings(names)  # once for the whole folder
+    palette = make_palette(len(names))
+    out.mkdir(parents=True, exist_ok=True)
+    failed: list[tuple[Path, str]] = []
+    done = 0
+    with Progress(console=console, disable=len(files) < 2 or not sys.stderr.isatty()) as progress:
+        task = progress.add_task("segmenting", total=len(files))
+        for path in files:
+            stem = path.stem
+            targets = [out / f"{stem}_labels.png", out / f"{stem}_overlay.png", out / f"{stem}.json"]
+            if skip_existing and all(t.exists() for t in targets):
+                progress.advance(task)
+                continue
+            try:
+                from .io import load_image
+
+                rgb = load_image(path)
+            except UserError as e:
+                failed.append((path, str(e)))
+                progress.advance(task)
+                continue
+            result = predictor.predict_array(rgb, names, text)
+            save_label_png(result.labels, targets[0], palette)
+            _atomic_save_image(result.overlay(), targets[1])
+            summary = {"image": str(path), "model": getattr(net, "model_name", model), "vocabulary": names,
+                       "areas": result.areas()}
+            _atomic_write_text(targets[2], json.dumps(summary, indent=2))
+            done += 1
+            progress.advance(task)
+    for path, msg in failed:
+        console.print(f"[yellow]skipped[/yellow] {path}: {msg}")
+    console.print(f"wrote {done} result(s) to {out}" + (f"; {len(failed)} image(s) could not be read" if failed else ""))
+    if failed and done == 0:
+        raise typer.Exit(1)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_save_image(image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@app.command("models")
+def models_cmd(all: bool = typer.Option(False, "--all", help="Include tiny test configs.")) -> None:
+    """List registered models."""
+    from rich.table import Table
+
+    from .models import get_entry, list_models
+
+    table = Table("name", "family", "weights", "description")
+    for name in list_models(include_test=all):
+        e = get_entry(name)
+        table.add_row(name, e.family, "bundled" if e.weights else "-", e.description)
+    Console().print(table)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML training config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. max_iters=100"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output dir."),
+) -> None:
+    """Train a model (works under torchrun for several processes/machines)."""
+    from .engine import load_config, train as run_train
+
+    cfg = load_config(config, list(overrides or []))
+    if resume:
+        cfg.resume = True
+    run_train(cfg)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    clip: Optional[Path] = typer.Option(None, "--clip"),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="ade150, ade847, coco_stuff171, pascal_context59, "
+                                                              "pascal_context459, voc20 or custom"),
+    root: Path = typer.Option(..., "--root", help="Dataset folder."),
+    split: str = typer.Option("val", "--split"),
+    max_images: Optional[int] = typer.Option(None, "--max-images"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write metrics JSON here."),
+    device: str = typer.Option("cpu"),
+    trust_jit: bool = typer.Option(False),
+) -> None:
+    """Evaluate on a benchmark: mIoU, fwIoU, mACC, pACC and per-class IoU/ACC."""
+    from .data import build_dataset
+    from .engine import evaluate, write_metrics_json
+
+    net = _load(model, checkpoint, clip, device, trust_jit)
+    ds = build_dataset(dataset, root, split=split)
+    metrics = evaluate(net, ds, max_images=max_images)
+    Console().print({k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})
+    if out is not None:
+        write_metrics_json(metrics, out)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(1)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
