@@ -1,0 +1,314 @@
+"""Colouring label maps and drawing them over photos with a legend.
+
+Conventions shared by all functions here: a label map is an H×W integer array of class indices;
+``-1`` always means "ignore", and ``255`` means "ignore" too unless 255 is a real class (that is,
+when there are more than 255 classes). Ignored pixels are black in :func:`colorize`, keep the
+original photo in :func:`overlay`, and are left out of :func:`class_areas`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from vocabseg.errors import ImageError, VocabularyError
+from vocabseg.io import ImageInput, load_image
+
+__all__ = ["class_areas", "colorize", "make_palette", "overlay"]
+
+_MAX_COLOURS = 256**3 - 1  # every RGB colour except black, which marks ignored pixels
+
+
+# --------------------------------------------------------------------------------------------
+# palette
+# --------------------------------------------------------------------------------------------
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """Convert [N,3] sRGB values in 0..255 to CIELAB (D65), where distances track perceived difference."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    to_xyz = np.array(
+        [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+    )
+    xyz = lin @ to_xyz.T / np.array([0.95047, 1.0, 1.08883])
+    d = 6.0 / 29.0
+    f = np.where(xyz > d**3, np.cbrt(xyz), xyz / (3 * d * d) + 4.0 / 29.0)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _greedy_palette(seed: int) -> np.ndarray:
+    """All grid colours (except near-black) ordered by farthest-point search in CIELAB."""
+    rng = np.random.default_rng(seed)
+    levels = np.linspace(0, 255, 16)  # grid step 17
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    grid = np.clip(np.rint(grid + rng.uniform(-6, 6, size=grid.shape)), 0, 255)  # seed varies the palette
+    lab = _srgb_to_lab(grid)
+    chroma = np.hypot(lab[:, 1], lab[:, 2])
+    # Mid-lightness, saturated colours stand out on photos; very dark/light or grey ones do not.
+    vivid = (lab[:, 0] >= 40) & (lab[:, 0] <= 90) & (chroma >= 30)
+    # Vivid colours first, then the rest of the grid (except near-black) once those run out.
+    groups = [np.flatnonzero(vivid), np.flatnonzero(~vivid & (lab[:, 0] >= 15))]
+    chosen: list[int] = []
+    for idx in groups:
+        cand = lab[idx]
+        dist = np.full(len(idx), np.inf)
+        for c in chosen:
+            dist = np.minimum(dist, np.linalg.norm(cand - lab[c], axis=1))
+        j = int(np.argmax(chroma[idx])) if not chosen else int(np.argmax(dist))
+        for _ in range(len(idx)):
+            chosen.append(int(idx[j]))
+            dist = np.minimum(dist, np.linalg.norm(cand - cand[j], axis=1))
+            dist[j] = -np.inf
+            j = int(np.argmax(dist))
+    pal = grid[chosen].astype(np.uint8)
+    pal.setflags(write=False)
+    return pal
+
+
+def make_palette(n: int, seed: int = 0) -> np.ndarray:
+    """Return ``n`` distinct RGB colours as an [n, 3] uint8 array, the same for the same ``(n, seed)``.
+
+    Colours are picked one by one as far as possible (in CIELAB) from those already picked, among
+    saturated mid-lightness colours, so the first ~20 are clearly different and visible over photos,
+    and ``make_palette(n)`` is a prefix of ``make_palette(m)`` for n < m <= ~3800 (a 16-level RGB
+    grid); larger palettes are completed with random distinct colours. Black is never used: it marks
+    ignored pixels. Any ``n`` up to 16,777,215 works; ``seed`` gives a different, equally spread palette.
+    """
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if n > _MAX_COLOURS:
+        raise ValueError(f"at most {_MAX_COLOURS} distinct colours exist besides black, got n={n}")
+    if n == 0:
+        return np.zeros((0, 3), dtype=np.uint8)
+    base = _greedy_palette(int(seed))
+    if n <= len(base):
+        return base[:n].copy()
+    # Beyond the grid: random distinct colours, never black and never one already in use.
+    rng = np.random.default_rng([int(seed), int(n)])
+    used = set((base[:, 0].astype(np.int64) << 16 | base[:, 1].astype(np.int64) << 8 | base[:, 2]).tolist())
+    used.add(0)
+    extra: list[int] = []
+    need = n - len(base)
+    while len(extra) < need:
+        for code in rng.integers(1, 256**3, size=2 * (need - len(extra)) + 16).tolist():
+            if code not in used:
+                used.add(code)
+                extra.append(code)
+                if len(extra) == need:
+                    break
+    codes = np.array(extra, dtype=np.int64)
+    rest = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1).astype(np.uint8)
+    return np.concatenate([base, rest])
+
+
+# --------------------------------------------------------------------------------------------
+# label maps
+# --------------------------------------------------------------------------------------------
+
+
+def _as_label_map(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ImageError(f"A label map must be an H×W array, got shape {tuple(labels.shape)}.")
+    if labels.dtype == np.bool_:
+        return labels.astype(np.int64)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ImageError(f"A label map must hold integer class indices, got dtype {labels.dtype}.")
+    return labels.astype(np.int64, copy=False)
+
+
+def _valid_mask(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+    """Pixels that carry a class; raise if some index is neither a class nor an ignore value."""
+    ignore = labels == -1
+    if num_classes <= 255:
+        ignore |= labels == 255
+    valid = ~ignore
+    if labels.size and valid.any():
+        bad = valid & ((labels < 0) | (labels >= num_classes))
+        if bad.any():
+            value = int(labels[bad][0])
+            raise VocabularyError(
+                f"The label map contains class index {value} but only {num_classes} {what} were given."
+            )
+    return valid
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """Map an H×W label map to an H×W×3 uint8 colour image; ignored pixels (-1, 255) are black.
+
+    ``palette`` defaults to :func:`make_palette` with one colour per class up to the largest index.
+    """
+    labels = _as_label_map(labels)
+    if palette is None:
+        valid = (labels >= 0) & (labels != 255)
+        n = int(labels[valid].max()) + 1 if valid.any() else 1
+        palette = make_palette(n)
+    palette = np.asarray(palette)
+    if palette.ndim != 2 or palette.shape[1] != 3:
+        raise ValueError(f"palette must have shape [n, 3], got {tuple(palette.shape)}")
+    valid = _valid_mask(labels, len(palette), "palette colours")
+    table = np.concatenate([np.clip(palette, 0, 255).astype(np.uint8), np.zeros((1, 3), np.uint8)])
+    return table[np.where(valid, labels, len(palette))]
+
+
+def class_areas(labels: np.ndarray, names: Sequence[str]) -> list[dict]:
+    """Return ``{"name", "index", "pixels", "fraction"}`` for each class present, largest first.
+
+    ``fraction`` is the share of ALL pixels of the map (ignored pixels included), so the shares of
+    the listed classes sum to the labelled part of the image. Ties are broken by class index.
+    """
+    labels = _as_label_map(labels)
+    valid = _valid_mask(labels, len(names), "class names")
+    counts = np.bincount(labels[valid], minlength=len(names))
+    total = labels.size
+    present = np.flatnonzero(counts)
+    present = present[np.lexsort((present, -counts[present]))]
+    return [
+        {"name": str(names[i]), "index": int(i), "pixels": int(counts[i]), "fraction": counts[i] / total}
+        for i in present
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# overlay
+# --------------------------------------------------------------------------------------------
+
+
+def _boundaries(labels: np.ndarray, thickness: int) -> np.ndarray:
+    """Mask of pixels next to a label change (4-neighbourhood), widened to ``thickness`` pixels."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    dx = labels[:, 1:] != labels[:, :-1]
+    dy = labels[1:, :] != labels[:-1, :]
+    edge[:, :-1] |= dx
+    edge[:-1, :] |= dy
+    for _ in range(thickness - 1):  # grow by one pixel right and down per step
+        grown = edge.copy()
+        grown[:, 1:] |= edge[:, :-1]
+        grown[1:, :] |= edge[:-1, :]
+        edge = grown
+    return edge
+
+
+def _load_font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable on Pillow >= 10.1 with FreeType
+    except TypeError:  # older Pillow: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _text_box(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[str, int, int]:
+    """Return text that the font can encode, with its width and height in pixels."""
+    try:
+        box = draw.textbbox((0, 0), text, font=font)
+    except UnicodeEncodeError:  # the bitmap fallback font only knows Latin-1
+        text = text.encode("latin-1", "replace").decode("latin-1")
+        box = draw.textbbox((0, 0), text, font=font)
+    return text, box[2], box[3]
+
+
+def _shorten(name: str, limit: int = 32) -> str:
+    name = " ".join(str(name).split())
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
+def overlay(
+    image: ImageInput,
+    labels: np.ndarray,
+    names: Sequence[str],
+    palette: np.ndarray | None = None,
+    alpha: float = 0.5,
+    legend: bool = True,
+    max_legend_entries: int = 20,
+) -> Image.Image:
+    """Draw a label map over ``image`` for a human to check a segmentation.
+
+    The class colours are blended with weight ``alpha``, segment boundaries are drawn as thin white
+    lines, and (if ``legend``) a white panel lists the classes present, largest first, with colour
+    swatch and percentage of the image; classes beyond ``max_legend_entries`` are summed in one
+    "+N more" line. The panel goes to the right of the image, or below it for wide images, and its
+    font scales with the image size. Ignored pixels keep the photo unchanged.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if max_legend_entries < 1:
+        raise ValueError(f"max_legend_entries must be at least 1, got {max_legend_entries}")
+    rgb = load_image(image)
+    labels = _as_label_map(labels)
+    h, w = rgb.shape[:2]
+    if labels.shape != (h, w):
+        raise ImageError(f"The label map is {labels.shape[1]}×{labels.shape[0]} but the image is {w}×{h}.")
+    if len(names) == 0:
+        raise VocabularyError("overlay needs at least one class name.")
+    if palette is None:
+        palette = make_palette(len(names))
+    palette = np.asarray(palette)
+    if palette.ndim != 2 or palette.shape[1] != 3 or len(palette) < len(names):
+        raise ValueError(f"palette must have shape [n >= {len(names)}, 3], got {tuple(palette.shape)}")
+
+    valid = _valid_mask(labels, len(names), "class names")
+    colours = colorize(np.where(valid, labels, -1), palette[: len(names)])
+    out = rgb.astype(np.float32)
+    blended = (1 - alpha) * out + alpha * colours.astype(np.float32)
+    out = np.where(valid[..., None], blended, out)
+    thickness = max(1, round(max(h, w) / 600))
+    out[_boundaries(np.where(valid, labels, -1), thickness)] = 255.0
+    picture = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+    if not legend:
+        return picture
+    return _add_legend(picture, class_areas(labels, names), palette, max_legend_entries)
+
+
+def _add_legend(
+    picture: Image.Image, areas: list[dict], palette: np.ndarray, max_entries: int
+) -> Image.Image:
+    w, h = picture.size
+    font_size = int(min(64, max(10, round(math.sqrt(w * h) / 40))))
+    font = _load_font(font_size)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    entries: list[tuple[str, tuple[int, int, int] | None]] = []
+    shown = areas[:max_entries]
+    for a in shown:
+        colour = tuple(int(v) for v in palette[a["index"]])
+        entries.append((f"{_shorten(a['name'])}  {100 * a['fraction']:.1f}%", colour))
+    rest = areas[max_entries:]
+    if rest:
+        share = 100 * sum(a["fraction"] for a in rest)
+        entries.append((f"+{len(rest)} more  {share:.1f}%", None))
+    if not entries:
+        entries.append(("(no labelled pixels)", None))
+
+    measured = [(*_text_box(scratch, text, font), colour) for text, colour in entries]
+    pad = max(2, font_size // 3)
+    swatch = font_size
+    line_h = max(swatch, max(m[2] for m in measured)) + pad
+    entry_w = swatch + pad + max(m[1] for m in measured) + 2 * pad
+
+    below = w > 1.5 * h
+    if below:
+        cols = max(1, (w - pad) // entry_w)
+        rows = math.ceil(len(measured) / cols)
+        panel_w, panel_h = max(w, entry_w + pad), rows * line_h + pad
+        canvas = Image.new("RGB", (panel_w, h + panel_h), "white")
+        origin = (0, h)
+    else:
+        cols, rows = 1, len(measured)
+        panel_w, panel_h = entry_w + pad, rows * line_h + pad
+        canvas = Image.new("RGB", (w + panel_w, max(h, panel_h)), "white")
+        origin = (w, 0)
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, (text, _tw, th, colour) in enumerate(measured):
+        col, row = divmod(k, rows) if below else (0, k)
+        x = origin[0] + pad + col * entry_w
+        y = origin[1] + pad + row * line_h
+        if colour is not None:
+            draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=colour, outline=(0, 0, 0))
+        draw.text((x + swatch + pad, y + max(0, (swatch - th) // 2)), text, fill=(0, 0, 0), font=font)
+    return canvas
