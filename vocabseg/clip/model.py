@@ -9,6 +9,7 @@ ResNet's stage features.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -140,8 +141,8 @@ class MultiheadSelfAttention(nn.Module):
         b, n, c = x.shape  # [B, L, C]
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, d]
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(q.dtype)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)  # additive mask; boolean masks (True = attend) pass unchanged
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -446,5 +447,5 @@ class CLIP(nn.Module):
 
 def build_clip(config: CLIPConfig | str, **overrides) -> CLIP:
     """A randomly initialised CLIP of the given config or named architecture (``"ViT-B/16"``)."""
-    cfg = config_for(config, **overrides) if isinstance(config, str) else config
+    cfg = config_for(config, **overrides) if isinstance(config, str) else copy.deepcopy(config)
     return CLIP(cfg)

@@ -53,7 +53,9 @@ __all__ = [
 # The world's vocabulary
 # --------------------------------------------------------------------------------------------
 
-STUFF_CLASSES: tuple[str, ...] = ("sky", "grass", "water", "sand", "wall", "road")
+# "background" is a plain, nearly uniform backdrop (a drawing on white paper): it lets the embedded default
+# handle hand-drawn images, whose background is none of the natural stuff classes.
+STUFF_CLASSES: tuple[str, ...] = ("sky", "grass", "water", "sand", "wall", "road", "background")
 OBJECT_CATEGORIES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "ring", "cross", "heart", "hexagon", "arrow", "crescent",
 )
@@ -96,6 +98,7 @@ PLURALS: dict[str, str] = {
 STUFF_SYNONYMS: dict[str, tuple[str, ...]] = {
     "sky": ("sky",), "grass": ("grass", "lawn"), "water": ("water", "sea", "lake"),
     "sand": ("sand", "beach"), "wall": ("wall", "bricks", "brick wall"), "road": ("road", "street"),
+    "background": ("background", "plain background", "blank background"),
 }
 COLOR_SYNONYMS: dict[str, tuple[str, ...]] = {c: (c,) for c in COLORS}
 TEXTURE_SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -121,11 +124,14 @@ _STUFF_PLACE = {
     "sand": ("on sand", "on the sand", "on the beach", "on a beach"),
     "wall": ("in front of a wall", "against a brick wall", "in front of bricks"),
     "road": ("on the road", "on a street", "on the street"),
+    "background": ("on a plain background", "on a white background", "on a blank background",
+                   "on a background"),
 }
 _STUFF_NOUN = {
     "sky": ("the sky", "sky"), "grass": ("grass", "the lawn", "a lawn"),
     "water": ("water", "the sea", "a lake"), "sand": ("sand", "the beach", "a beach"),
     "wall": ("a wall", "a brick wall", "bricks"), "road": ("a road", "the road", "a street"),
+    "background": ("a plain background", "a blank background", "a white background"),
 }
 _SECONDARY = ("next to {noun}", "near {noun}")
 _SKY_SECONDARY = ("under the sky", "below the sky")
@@ -133,7 +139,7 @@ _SKY_SECONDARY = ("under the sky", "below the sky")
 _TEMPLATES_BG = (
     "{objs} {bg}", "a photo of {objs} {bg}", "an image of {objs} {bg}",
     "a picture showing {objs} {bg}", "a rendering of {objs} {bg}", "{bg} there {be} {objs}",
-    "{objs}, with {stuffs} in the background", "a view of {stuffs} with {objs}",
+    "{objs}, with {stuffs} behind", "a view of {stuffs} with {objs}",
 )
 _TEMPLATES_NOBG = ("{objs}", "a photo of {objs}", "a drawing of {objs}")
 _TEMPLATES_COUNTED = (
@@ -458,6 +464,10 @@ def _round_size(v: int, config: WorldConfig) -> int:
 
 def _sample_bands(rng: np.random.Generator, config: WorldConfig) -> list[StuffBand]:
     allowed = list(config.stuff)
+    if "background" in allowed:  # a plain backdrop fills the frame alone, never shares it with stuff
+        if rng.random() < 0.15 or allowed == ["background"]:
+            return [StuffBand("background")]
+        allowed.remove("background")
     k = int(rng.integers(1, min(3, config.max_stuff_regions, len(allowed)) + 1))
     if k == 1 or rng.random() < 0.15:
         return [StuffBand(_pick(rng, allowed))]
@@ -635,6 +645,10 @@ def _stuff_texture(name: str, y0: int, y1: int, width: int, top: float, bottom: 
         for c in range(3):
             img[c][mortar] = mortar_rgb[c]
         return img
+    if name == "background":
+        r = rng.random()
+        base = (248, 248, 246) if r < 0.6 else (215, 215, 212) if r < 0.8 else (240, 232, 205)
+        return _mix(_jitter(rng, base, 6), (_crop(tiles["smooth"], h, width, rng), (2, 2, 2)))
     if name == "road":
         g = float(rng.uniform(70, 110))
         img = _mix(np.float32([g, g, g + 4]), (_crop(tiles["fine"], h, width, rng), (7, 7, 7)),

@@ -22,13 +22,13 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
     open_clip file) for checkpoints that carry none. With neither, the model's bundled weights are used if it has
     any, else it is randomly initialised with a warning.
     """
-    from ..clip.load import read_state_dict
+    from ..clip.load import drop_non_weights, read_state_dict
 
     name = name or DEFAULT_MODEL
     entry = get_entry(name)
     model = create_model(name, **overrides)
     if clip is not None:
-        clip_state = read_state_dict(clip, trust_jit=trust_jit)
+        clip_state = drop_non_weights(read_state_dict(clip, trust_jit=trust_jit))
         try:
             load_strict(model.clip, clip_state)
         except CheckpointError as e:
