@@ -12,6 +12,7 @@ from ..errors import CheckpointError
 from .registry import DEFAULT_MODEL, create_model, get_config, get_entry, list_models, register_model
 from .weights import load_strict
 from . import san  # noqa: F401  (registers SAN configs)
+from . import default  # noqa: F401  (the embedded default)
 
 
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, clip: str | Path | None = None,
@@ -27,21 +28,28 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
     name = name or DEFAULT_MODEL
     entry = get_entry(name)
     model = create_model(name, **overrides)
+    bundled = checkpoint is None and clip is None
+    if bundled and entry.weights is not None and not Path(entry.weights).exists():
+        raise CheckpointError(f"the bundled weights of {name!r} are missing ({entry.weights}); reinstall vocabseg")
+    if bundled and entry.clip_weights is not None:
+        clip = entry.clip_weights
     if clip is not None:
         clip_state = drop_non_weights(read_state_dict(clip, trust_jit=trust_jit))
         try:
             load_strict(model.clip, clip_state)
         except CheckpointError as e:
             raise CheckpointError(f"{clip}: {e}") from None
-    checkpoint = checkpoint if checkpoint is not None else entry.weights
+    if bundled:
+        checkpoint = entry.weights
     if checkpoint is not None:
         state = read_state_dict(checkpoint, trust_jit=trust_jit)
         try:
             model.load_checkpoint_state(state, allow_missing_clip=clip is not None)
         except CheckpointError as e:
             raise CheckpointError(f"{checkpoint}: {e}") from None
-    elif clip is None:
-        warnings.warn(f"model {name!r} has no weights loaded: it is randomly initialised and its output is noise; "
+    else:
+        what = "everything but CLIP is" if clip is not None else "it is"
+        warnings.warn(f"model {name!r} has no checkpoint: {what} randomly initialised and its output is noise; "
                       f"pass checkpoint=... (and clip=... if the checkpoint has no CLIP)", stacklevel=2)
     return model.to(device).eval()
 

@@ -27,6 +27,7 @@ class ModelEntry:
     description: str = ""
     weights: Path | None = None  # bundled weights (package data), loaded when no checkpoint is given
     test_only: bool = False  # tiny configs for the test-suite
+    clip_weights: Path | None = None  # bundled CLIP weights loaded before ``weights`` (which then omit CLIP)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -34,13 +35,13 @@ DEFAULT_MODEL = "default"
 
 
 def register_model(name: str, family: str, config: Any, description: str = "", weights: Path | None = None,
-                   test_only: bool = False) -> Callable:
+                   test_only: bool = False, clip_weights: Path | None = None) -> Callable:
     """Decorator: register ``builder(config) -> model`` under ``name`` with its default ``config``."""
 
     def wrap(builder: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, family, builder, config, description, weights, test_only)
+        _REGISTRY[name] = ModelEntry(name, family, builder, config, description, weights, test_only, clip_weights)
         return builder
 
     return wrap

@@ -1,0 +1,47 @@
+"""The embedded default: a small SAN on a small CLIP, both trained by this project on its generated world.
+
+No pretrained CLIP can be downloaded, so the package ships its own: a CLIP (ViT 96 px, patch 8, 6 blocks; text
+transformer 4 blocks) trained contrastively on image–caption pairs of ``vocabseg.data.world``, and a SAN trained
+on part of the world's classes with that CLIP frozen. It knows the world's vocabulary — shapes (circle, square,
+triangle, star, ring, cross, heart, hexagon, arrow, crescent), colours, textures, stuff (sky, grass, water, sand,
+wall, road, plain background) — and nothing about real photographs: for those, load the official CLIP/SAN weights
+(``vocabseg.load_model("san_vit_b_16", checkpoint="san_vit_b_16.pth")``).
+
+Training it again is one command per stage (see docs/default_model.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..clip.model import CLIPConfig
+from .registry import DEFAULT_MODEL, register_model
+from .san import SAN, SANConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_CLIP_WEIGHTS = WEIGHTS_DIR / "default_clip.safetensors"
+DEFAULT_SAN_WEIGHTS = WEIGHTS_DIR / "default_san.safetensors"
+
+# Prompt templates in the phrasing of the world's captions (the tiny CLIP never saw ViLD's "in the scene").
+WORLD_TEMPLATES: tuple[str, ...] = ("a {}", "a photo of a {}", "an image of a {}", "a picture showing a {}")
+
+
+def default_clip_config() -> CLIPConfig:
+    return CLIPConfig(embed_dim=128, image_resolution=96, vision_layers=6, vision_width=192, vision_patch_size=8,
+                      context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+                      transformer_layers=4)
+
+
+def default_san_config() -> SANConfig:
+    return SANConfig(
+        clip=default_clip_config(), clip_scale=0.5, fusion_map=((0, 0), (2, 1), (4, 2)), rec_start=4,
+        side_width=128, side_depth=6, side_heads=2, side_patch=8, side_image_size=192, num_queries=32,
+        embed_channels=128, mlp_channels=128, deep_supervision=(5, 6), templates=WORLD_TEMPLATES,
+        short_side=192, max_side=768, size_divisibility=32)
+
+
+@register_model(DEFAULT_MODEL, "san", default_san_config(),
+                "embedded default: small SAN + small CLIP trained on the generated world (shapes, colours, stuff)",
+                weights=DEFAULT_SAN_WEIGHTS, clip_weights=DEFAULT_CLIP_WEIGHTS)
+def default(cfg: SANConfig) -> SAN:
+    return SAN(cfg)
