@@ -1,0 +1,241 @@
+"""Contrastive (CLIP-style) training of a small CLIP on the generated world's image–caption pairs.
+
+This is how the embedded default gets a CLIP at all: nothing can be downloaded, so the project trains one on
+procedurally generated scenes whose captions name shapes, colours, textures and stuff with varied phrasing. The
+result is saved in OpenAI's state-dict layout (safetensors), so ``vocabseg.clip.load`` reads it like any CLIP.
+
+Resumable: a run writes ``last.pt`` atomically every ``checkpoint_every`` steps; the data of step ``k`` is a pure
+function of (seed, k), so a resumed run sees exactly the samples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..clip.model import CLIP, CLIPConfig, OPENAI_MEAN, OPENAI_STD
+from ..clip.tokenizer import tokenize
+
+
+@dataclass
+class ContrastiveConfig:
+    output_dir: str = "runs/tiny_clip"
+    seed: int = 0
+    # model
+    image_resolution: int = 96
+    patch_size: int = 8
+    vision_width: int = 192
+    vision_layers: int = 6
+    text_width: int = 128
+    text_layers: int = 4
+    embed_dim: int = 128
+    # optimisation
+    batch_size: int = 64
+    max_iters: int = 1800
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_iters: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 20
+    num_workers: int = 1
+    # data: world scenes generated at this size range (squashed to image_resolution)
+    world_min_size: int = 96
+    world_max_size: int = 160
+    world_max_objects: int = 3
+    single_object_prob: float = 0.4
+    world_overrides: dict = field(default_factory=dict)
+    eval_samples: int = 300
+
+
+def clip_config(cfg: ContrastiveConfig) -> CLIPConfig:
+    return CLIPConfig(embed_dim=cfg.embed_dim, image_resolution=cfg.image_resolution, vision_layers=cfg.vision_layers,
+                      vision_width=cfg.vision_width, vision_patch_size=cfg.patch_size, context_length=77,
+                      vocab_size=49408, transformer_width=cfg.text_width, transformer_heads=max(1, cfg.text_width // 64),
+                      transformer_layers=cfg.text_layers)
+
+
+def to_clip_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """H×W×3 uint8 -> normalised [3, size, size] (squashed, not cropped: captions name objects near the edges)."""
+    img = Image.fromarray(image).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class WorldPairs(torch.utils.data.Dataset):
+    """Item ``i`` = (image tensor, caption) of world scene ``i``; a pure function of (seed, i)."""
+
+    def __init__(self, cfg: ContrastiveConfig, seed_offset: int = 0):
+        from ..data.world import WorldConfig
+
+        self.cfg = cfg
+        self.seed_offset = seed_offset
+        base = dict(min_size=cfg.world_min_size, max_size=cfg.world_max_size, max_objects=cfg.world_max_objects)
+        base.update(cfg.world_overrides)
+        self.world = WorldConfig(**base)
+        self.single = dataclasses.replace(self.world, max_objects=1)
+
+    def __len__(self) -> int:
+        return 2 ** 31 - 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        from ..data.world import generate_sample, sample_seed
+
+        seed = sample_seed(self.cfg.seed + self.seed_offset, index)
+        rng = np.random.default_rng(seed)
+        config = self.single if rng.random() < self.cfg.single_object_prob else self.world
+        sample = generate_sample(seed, config)
+        caption = sample.captions[int(rng.integers(len(sample.captions)))]
+        return to_clip_tensor(sample.image, self.cfg.image_resolution), caption
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # data workers only render scenes; leave the cores to the training step
+
+
+def _collate(items):
+    images = torch.stack([i[0] for i in items])
+    return images, tokenize([i[1] for i in items])
+
+
+def lr_at(cfg: ContrastiveConfig, step: int) -> float:
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Indices step*batch .. : the data of a step depends only on the step number (exact resume)."""
+
+    def __init__(self, start_step: int, max_iters: int, batch_size: int):
+        self.start, self.stop, self.batch = start_step, max_iters, batch_size
+
+    def __iter__(self):
+        return iter(range(self.start * self.batch, self.stop * self.batch))
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.batch
+
+
+def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
+    """Train (or continue training) the small CLIP; returns the path of the final OpenAI-layout safetensors."""
+    from ..clip.load import save_state_dict
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    model = CLIP(clip_config(cfg))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    step = 0
+    ckpt = out / "last.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        log(f"resumed from {ckpt} at step {step}")
+    loader = torch.utils.data.DataLoader(
+        WorldPairs(cfg), batch_size=cfg.batch_size, sampler=_StepSampler(step, cfg.max_iters, cfg.batch_size),
+        num_workers=cfg.num_workers, collate_fn=_collate, worker_init_fn=_worker_init, persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+    model.train()
+    labels = torch.arange(cfg.batch_size)
+    t_last, losses = time.perf_counter(), []
+    with open(out / "metrics.jsonl", "a") as logf:
+        for images, tokens in loader:
+            if step >= cfg.max_iters:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            logits, _ = model(images, tokens)
+            target = labels[: logits.shape[0]]
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            losses.append(loss.item())
+            if step % cfg.log_every == 0:
+                dt = time.perf_counter() - t_last
+                t_last = time.perf_counter()
+                rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr_at(cfg, step - 1),
+                       "logit_scale": float(model.logit_scale.detach().exp()), "img_per_s": cfg.log_every * cfg.batch_size / dt}
+                losses = []
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                log(json.dumps(rec))
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_iters:
+                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
+    model.eval()
+    final = out / "tiny_clip.safetensors"
+    save_state_dict(model, final)
+    return final
+
+
+@torch.inference_mode()
+def zero_shot_report(model: CLIP, cfg: ContrastiveConfig, num_samples: int | None = None,
+                     seed: int = 10_000_019) -> dict:
+    """Zero-shot accuracy on held-out single-object scenes (seeds disjoint from training): shape, colour, stuff."""
+    from ..clip.vocabulary import encode_vocabulary
+    from ..data.world import COLORS, OBJECT_CATEGORIES, STUFF_CLASSES, WorldConfig, generate_sample, sample_seed
+
+    n = num_samples or cfg.eval_samples
+    world = WorldConfig(min_size=cfg.world_min_size, max_size=cfg.world_max_size, max_objects=1, min_objects=1,
+                        **cfg.world_overrides)
+    tasks = {
+        "shape": (list(OBJECT_CATEGORIES), [f"a photo of a {c}" for c in OBJECT_CATEGORIES]),
+        "color": (list(COLORS), [f"a {c} shape" for c in COLORS]),
+        "color+shape": ([f"{c} {s}" for c in COLORS for s in OBJECT_CATEGORIES],
+                        [f"a {c} {s}" for c in COLORS for s in OBJECT_CATEGORIES]),
+        "stuff": (list(STUFF_CLASSES), [f"a photo of {s}" for s in STUFF_CLASSES]),
+    }
+    text = {k: encode_vocabulary(model, prompts, templates="none", cache=False) for k, (_, prompts) in tasks.items()}
+    correct = {k: 0 for k in tasks}
+    total = {k: 0 for k in tasks}
+    images, truths = [], []
+    for i in range(n):
+        s = generate_sample(sample_seed(seed, i), world)
+        if not s.objects:
+            continue
+        o = max(s.objects, key=lambda r: r.area)
+        main_stuff = max(s.stuff, key=lambda r: r.area).name
+        images.append(to_clip_tensor(s.image, cfg.image_resolution))
+        truths.append({"shape": o.category, "color": o.color, "color+shape": f"{o.color} {o.category}",
+                       "stuff": main_stuff})
+    for start in range(0, len(images), 64):
+        emb = F.normalize(model.encode_image(torch.stack(images[start:start + 64])), dim=-1)
+        for k, (names, _) in tasks.items():
+            pred = (emb @ text[k].t()).argmax(-1)
+            for j, p in enumerate(pred.tolist()):
+                truth = truths[start + j][k]
+                correct[k] += int(names[p] == truth)
+                total[k] += 1
+    chance = {k: 100.0 / len(tasks[k][0]) for k in tasks}
+    return {k: {"accuracy": 100.0 * correct[k] / max(1, total[k]), "chance": chance[k], "n": total[k]} for k in tasks}
