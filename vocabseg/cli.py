@@ -19,7 +19,7 @@ from .errors import UserError, VocabularyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Open-vocabulary image segmentation on a frozen CLIP.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line
 
 
 def _read_vocabulary(vocab: Optional[str], vocab_file: Optional[Path]) -> list[str]:
@@ -180,7 +180,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}")
+        typer.echo(f"error: {e}", err=True)
         sys.exit(1)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -21,7 +21,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """H×W×3 uint8 -> resized to (h, w) with PIL bilinear (detectron2's ResizeShortestEdge default)."""
     if image.shape[:2] == tuple(size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
 @dataclass

@@ -37,7 +37,7 @@ def default_san_config() -> SANConfig:
         clip=default_clip_config(), clip_scale=0.5, fusion_map=((0, 0), (2, 1), (4, 2)), rec_start=4,
         side_width=128, side_depth=6, side_heads=2, side_patch=8, side_image_size=192, num_queries=32,
         embed_channels=128, mlp_channels=128, deep_supervision=(5, 6), templates=WORLD_TEMPLATES,
-        short_side=192, max_side=768, size_divisibility=32)
+        short_side=192, max_side=768, size_divisibility=32, train_num_points=4096)
 
 
 @register_model(DEFAULT_MODEL, "san", default_san_config(),

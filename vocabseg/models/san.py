@@ -48,6 +48,7 @@ class SANConfig:
     mlp_layers: int = 3
     deep_supervision: tuple[int, ...] = (7, 8)  # side blocks (1-based) whose output is decoded while training
     sos_mask_value: float = -100.0
+    train_num_points: int = 12544  # points per mask for matching and mask losses (Mask2Former/SAN recipe)
     templates: str = "vild"
     short_side: int = 640  # inference resize: short side, capped so the long side stays <= max_side
     max_side: int = 2560
@@ -351,10 +352,11 @@ class SAN(OpenVocabModel):
         """SAN's loss: Hungarian matching (class 2 / BCE 5 / dice 5 on 12,544 points), CE 2 with no-object 0.1."""
         from ..losses import HungarianMatcher, SetCriterion
 
-        matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=12544)
+        points = self.config.train_num_points
+        matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=points)
         return SetCriterion(num_classes=num_classes, matcher=matcher,
                             weight_dict={"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}, no_object_weight=0.1,
-                            num_points=12544, oversample_ratio=3.0, importance_sample_ratio=0.75)
+                            num_points=points, oversample_ratio=3.0, importance_sample_ratio=0.75)
 
     def training_targets(self, labels: torch.Tensor, ignore_index: int = 255) -> list[dict]:
         """Semantic label maps [B, H, W] -> per-image {labels, masks} (one mask per present class)."""

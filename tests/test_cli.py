@@ -1,0 +1,59 @@
+"""The command line, run as a user would (a subprocess), on a small random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "vocabseg", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_segment_folder_writes_outputs_and_skips_unreadable(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(src / name)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "out"
+    res = run("segment", str(src), "--vocab", "cat, dog, grass", "--model", "san_tiny_test", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "broken.png" in res.stderr and "skipped" in res.stderr
+    for stem in ("a", "b"):
+        labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+        assert labels.shape == (40, 56) and labels.max() < 3
+        assert Image.open(out / f"{stem}_overlay.png").size[1] >= 40
+        summary = json.loads((out / f"{stem}.json").read_text())
+        assert summary["vocabulary"] == ["cat", "dog", "grass"]
+        assert abs(sum(a["fraction"] for a in summary["areas"]) - 1) < 1e-6
+    assert not (out / "broken_labels.png").exists()
+
+
+def test_segment_errors_are_one_line(tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    res = run("segment", str(img), "--vocab", " , ", "--model", "san_tiny_test", "--out", str(tmp_path / "o"))
+    assert res.returncode == 1 and "vocabulary is empty" in res.stderr.lower()
+    assert "Traceback" not in res.stderr
+    res = run("segment", str(img), "--vocab", "a", "--model", "san_tiny_test", "--checkpoint",
+              str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 1 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    res = run("segment", str(tmp_path / "missing.png"), "--vocab", "a", "--model", "san_tiny_test")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    res = run("segment", str(img), "--vocab", "a", "--model", "no_such_model")
+    assert res.returncode == 1 and "unknown model" in res.stderr
+
+
+def test_models_lists_registered_names():
+    res = run("models")
+    assert res.returncode == 0
+    assert "san_vit_b_16" in res.stdout and "default" in res.stdout
