@@ -150,6 +150,19 @@ def train(
     run_train(cfg)
 
 
+@app.command("train-clip")
+def train_clip_cmd(
+    config: Path = typer.Argument(..., help="YAML of vocabseg.engine.contrastive.ContrastiveConfig fields."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+) -> None:
+    """Train a small CLIP contrastively on the generated world (stage 1 of the embedded default); resumable."""
+    from .engine.contrastive import load_contrastive_config, train_clip
+
+    cfg = load_contrastive_config(config, list(overrides or []))
+    path = train_clip(cfg, resume=True, log=lambda line: console.print(line))
+    console.print(f"wrote {path}")
+
+
 @app.command("eval")
 def eval_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m"),

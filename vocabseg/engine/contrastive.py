@@ -239,3 +239,28 @@ def zero_shot_report(model: CLIP, cfg: ContrastiveConfig, num_samples: int | Non
                 total[k] += 1
     chance = {k: 100.0 / len(tasks[k][0]) for k in tasks}
     return {k: {"accuracy": 100.0 * correct[k] / max(1, total[k]), "chance": chance[k], "n": total[k]} for k in tasks}
+
+
+def load_contrastive_config(path: str | Path, overrides: list[str] = ()) -> ContrastiveConfig:
+    """Read a YAML of ContrastiveConfig fields, then apply ``key=value`` overrides; unknown keys are errors."""
+    import yaml
+
+    from ..errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        data[key.strip()] = yaml.safe_load(value)
+    fields = {f.name: f for f in dataclasses.fields(ContrastiveConfig)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {p}; valid: {', '.join(fields)}")
+    for key, f in fields.items():  # YAML reads 5e-4 as a string
+        if key in data and f.type in ("float", float) and isinstance(data[key], str):
+            data[key] = float(data[key])
+    return ContrastiveConfig(**data)

@@ -49,6 +49,7 @@ class SANConfig:
     deep_supervision: tuple[int, ...] = (7, 8)  # side blocks (1-based) whose output is decoded while training
     sos_mask_value: float = -100.0
     train_num_points: int = 12544  # points per mask for matching and mask losses (Mask2Former/SAN recipe)
+    closed_set_classes: int = 0  # > 0: a closed-set baseline with learnt class embeddings instead of text
     templates: str = "vild"
     short_side: int = 640  # inference resize: short side, capped so the long side stays <= max_side
     max_side: int = 2560
@@ -267,6 +268,10 @@ class SAN(OpenVocabModel):
         self.clip = CLIP(config.clip)
         self.side = SideAdapterNetwork(config)
         self.bg_embed = nn.Parameter(torch.randn(1, config.clip.embed_dim) * config.clip.embed_dim ** -0.5)
+        if config.closed_set_classes:
+            # Baseline for the open-vocabulary experiments: the same network, but its classes are learnt vectors,
+            # so it can only ever name the classes it was trained on.
+            self.class_embed = nn.Parameter(torch.randn(config.closed_set_classes, config.clip.embed_dim) * 0.02)
         # Trainable: side network, CLIP's visual positional embedding, background embedding (paper: 8.4 M for B/16).
         self.freeze_clip(keep=("visual.positional_embedding",))
         mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1) * 255
@@ -293,7 +298,12 @@ class SAN(OpenVocabModel):
         return F.normalize(self.clip.visual.head(x[:, :q]), dim=-1)
 
     def classifier(self, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """[C, D] class embeddings + the normalised background embedding -> [C+1, D]."""
+        """[C, D] class embeddings + the normalised background embedding -> [C+1, D].
+
+        A closed-set model ignores the text and uses its learnt class embeddings.
+        """
+        if self.config.closed_set_classes:
+            text_embeddings = F.normalize(self.class_embed, dim=-1)
         return torch.cat([text_embeddings.to(self.bg_embed.dtype), F.normalize(self.bg_embed, dim=-1)], dim=0)
 
     def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
