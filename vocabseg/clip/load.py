@@ -473,12 +473,19 @@ def load(path: PathLike, device: str | torch.device = "cpu", trust_jit: bool = F
     ``image_resolution`` sets the resolution :func:`vocabseg.clip.preprocess` uses for this model
     (``model.preprocess_resolution``); the weights keep their trained grid, which the model resizes at run time.
     The model gets ``checkpoint_path`` and a lazily computed ``weights_id`` (hash of the text tower).
+    A LiT CLIP file (``lit_clip.safetensors``, see :mod:`vocabseg.clip.sentence`) gives a ``LiTCLIP`` instead.
     """
     if activation is not None and activation not in ("quick_gelu", "gelu"):
         raise ConfigError(f"Unknown activation {activation!r} for {path}; use 'quick_gelu' (OpenAI) or 'gelu' (LAION).")
     if image_resolution is not None and (not isinstance(image_resolution, int) or image_resolution <= 0):
         raise ConfigError(f"image_resolution must be a positive integer, got {image_resolution!r}.")
     sd, metadata, path = _read_checkpoint(path, trust_jit)
+    if metadata.get("vocabseg.text_tower") == "minilm":  # a LiT CLIP file (sentence.save_lit): image tower only
+        from .sentence import load_lit
+
+        lit = load_lit(path, device=device)
+        lit.preprocess_resolution = image_resolution or lit.config.image_resolution
+        return lit  # type: ignore[return-value]
     sd = drop_non_weights(sd)
     config = _config_from_metadata(metadata) or clip_config_from_state_dict(sd, source=str(path))
     if activation is not None:

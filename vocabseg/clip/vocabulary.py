@@ -443,9 +443,17 @@ def _encode_names(model: object, names: Sequence[str], templates: Sequence[str],
                   device: torch.device) -> torch.Tensor:
     """[len(names), D] template-averaged, L2-normalised embeddings, computed without any cache."""
     prompts = [t.replace("{}", name) for name in names for t in templates]
-    tokens = tokenize(prompts)  # [P, 77]
-    # Sort by EOT position so each batch is cut to a short length (encode_text stops at the batch's last EOT).
-    order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+    own_tokenize = getattr(model, "tokenize", None)
+    if callable(own_tokenize):  # a model with its own tokenizer (e.g. LiTCLIP's WordPiece): its ids, its padding
+        tokens = own_tokenize(prompts)  # [P, L]
+        pad = getattr(model, "pad_token_id", None)
+        # Sort by length so each batch holds prompts of similar length (less padding to run through the tower).
+        order = (torch.argsort((tokens != pad).sum(dim=-1), stable=True) if pad is not None
+                 else torch.arange(len(prompts)))
+    else:
+        tokens = tokenize(prompts)  # [P, 77] CLIP BPE
+        # Sort by EOT position so each batch is cut to a short length (encode_text stops at the batch's last EOT).
+        order = torch.argsort(tokens.argmax(dim=-1), stable=True)
     outputs: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
@@ -466,8 +474,9 @@ def encode_vocabulary(model: object, names: str | Iterable[str], templates: str 
     Each class embedding is the mean of its prompts' normalised embeddings over ``templates`` (a name from
     ``TEMPLATE_SETS`` or a list of strings with ``{}``), re-normalised. Only names missing from ``cache``
     are encoded (True: the default on-disk cache; False/None: no caching). ``model`` is anything with
-    ``encode_text(tokens)``; its ``weights_id`` (or a hash of its text tensors) keys the cache. The result
-    is on ``device`` (default: the model's).
+    ``encode_text(tokens)``; its ``weights_id`` (or a hash of its text tensors) keys the cache. Prompts are
+    tokenised by the model's own ``tokenize`` method when it has one (e.g. :class:`~vocabseg.clip.sentence.LiTCLIP`'s
+    WordPiece), else with CLIP's BPE. The result is on ``device`` (default: the model's).
     """
     wanted = _check_names(names)
     label, template_list = resolve_templates(templates)

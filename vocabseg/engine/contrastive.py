@@ -6,6 +6,11 @@ result is saved in OpenAI's state-dict layout (safetensors), so ``vocabseg.clip.
 
 Resumable: a run writes ``last.pt`` atomically every ``checkpoint_every`` steps; the data of step ``k`` is a pure
 function of (seed, k), so a resumed run sees exactly the samples an uninterrupted run would.
+
+``text_tower: minilm`` trains a LiT variant instead (:class:`vocabseg.clip.sentence.LiTCLIP`): the text tower is the
+pretrained all-MiniLM-L6-v2 sentence encoder, frozen (captions tokenised with its WordPiece tokenizer), and only the
+image tower and the logit scale learn, so words the captions never use still mean something. It writes
+``lit_clip.safetensors`` (image tower + logit scale; read it with :func:`load_lit`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..clip.model import CLIP, CLIPConfig, OPENAI_MEAN, OPENAI_STD
+from ..clip.sentence import LIT_TEXT_TOWER, LiTCLIP, LiTConfig, load_lit, save_lit  # noqa: F401 (load_lit re-exported)
 from ..clip.tokenizer import tokenize
+
+TEXT_TOWERS = ("clip", LIT_TEXT_TOWER)
 
 
 @dataclass
@@ -39,6 +47,8 @@ class ContrastiveConfig:
     text_width: int = 128
     text_layers: int = 4
     embed_dim: int = 128
+    # "clip": train our own text transformer too; "minilm": frozen pretrained MiniLM text tower (LiT; embed_dim 384)
+    text_tower: str = "clip"
     # optimisation
     batch_size: int = 64
     max_iters: int = 1800
@@ -62,6 +72,23 @@ def clip_config(cfg: ContrastiveConfig) -> CLIPConfig:
                       vision_width=cfg.vision_width, vision_patch_size=cfg.patch_size, context_length=77,
                       vocab_size=49408, transformer_width=cfg.text_width, transformer_heads=max(1, cfg.text_width // 64),
                       transformer_layers=cfg.text_layers)
+
+
+def lit_config(cfg: ContrastiveConfig) -> LiTConfig:
+    """The LiT model of ``cfg``: the same image tower, MiniLM as the text tower (text_* fields unused)."""
+    return LiTConfig(embed_dim=cfg.embed_dim, image_resolution=cfg.image_resolution, vision_layers=cfg.vision_layers,
+                     vision_width=cfg.vision_width, vision_patch_size=cfg.patch_size)
+
+
+def build_model(cfg: ContrastiveConfig) -> CLIP | LiTCLIP:
+    """A fresh model for ``cfg.text_tower``: a whole CLIP, or a LiTCLIP whose text tower is frozen MiniLM."""
+    from ..errors import ConfigError
+
+    if cfg.text_tower == "clip":
+        return CLIP(clip_config(cfg))
+    if cfg.text_tower == LIT_TEXT_TOWER:
+        return LiTCLIP(lit_config(cfg))
+    raise ConfigError(f"unknown text_tower {cfg.text_tower!r}; use one of {', '.join(TEXT_TOWERS)}")
 
 
 def to_clip_tensor(image: np.ndarray, size: int) -> torch.Tensor:
@@ -109,6 +136,17 @@ def _collate(items):
     return images, tokenize([i[1] for i in items])
 
 
+class _CollateWith:
+    """Collate with a model's own tokenizer (a picklable object, so it also works in worker processes)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        images = torch.stack([i[0] for i in items])
+        return images, self.tokenizer([i[1] for i in items])
+
+
 def lr_at(cfg: ContrastiveConfig, step: int) -> float:
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
@@ -139,16 +177,22 @@ class _StepSampler(torch.utils.data.Sampler):
 
 
 def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
-    """Train (or continue training) the small CLIP; returns the path of the final OpenAI-layout safetensors."""
+    """Train (or continue training) the small CLIP; returns the path of the final safetensors: OpenAI-layout
+    ``tiny_clip.safetensors``, or ``lit_clip.safetensors`` (image tower + logit scale) with ``text_tower: minilm``."""
     from ..clip.load import save_state_dict
+    from ..errors import ConfigError
 
+    if cfg.text_tower not in TEXT_TOWERS:
+        raise ConfigError(f"unknown text_tower {cfg.text_tower!r}; use one of {', '.join(TEXT_TOWERS)}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    model = CLIP(clip_config(cfg))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    model = build_model(cfg)
+    # A LiTCLIP's frozen text tower is not among its parameters; the filter keeps any other frozen tensor out too.
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     step = 0
@@ -161,7 +205,9 @@ def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
         log(f"resumed from {ckpt} at step {step}")
     loader = torch.utils.data.DataLoader(
         WorldPairs(cfg), batch_size=cfg.batch_size, sampler=_StepSampler(step, cfg.max_iters, cfg.batch_size),
-        num_workers=cfg.num_workers, collate_fn=_collate, worker_init_fn=_worker_init, persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+        num_workers=cfg.num_workers,
+        collate_fn=_CollateWith(model.tokenizer) if isinstance(model, LiTCLIP) else _collate,
+        worker_init_fn=_worker_init, persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
     model.train()
     labels = torch.arange(cfg.batch_size)
     t_last, losses = time.perf_counter(), []
@@ -194,13 +240,15 @@ def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
             if step % cfg.checkpoint_every == 0 or step == cfg.max_iters:
                 _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
     model.eval()
+    if isinstance(model, LiTCLIP):
+        return save_lit(model, out / "lit_clip.safetensors")
     final = out / "tiny_clip.safetensors"
     save_state_dict(model, final)
     return final
 
 
 @torch.inference_mode()
-def zero_shot_report(model: CLIP, cfg: ContrastiveConfig, num_samples: int | None = None,
+def zero_shot_report(model: CLIP | LiTCLIP, cfg: ContrastiveConfig, num_samples: int | None = None,
                      seed: int = 10_000_019) -> dict:
     """Zero-shot accuracy on held-out single-object scenes (seeds disjoint from training): shape, colour, stuff."""
     from ..clip.vocabulary import encode_vocabulary

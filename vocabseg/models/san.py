@@ -54,6 +54,21 @@ class SANConfig:
     short_side: int = 640  # inference resize: short side, capped so the long side stays <= max_side
     max_side: int = 2560
     size_divisibility: int = 32
+    text_tower: str = "clip"  # "minilm": a LiTCLIP (frozen MiniLM text tower; clip.embed_dim must be 384)
+
+
+def build_clip_for(config: SANConfig) -> nn.Module:
+    """The CLIP a SAN runs on: ``CLIP(config.clip)``, or a :class:`~vocabseg.clip.sentence.LiTCLIP` (same image
+    tower, frozen MiniLM text tower) when ``config.text_tower == "minilm"``."""
+    if config.text_tower == "clip":
+        return CLIP(config.clip)
+    if config.text_tower == "minilm":
+        from ..clip.sentence import LiTCLIP
+
+        return LiTCLIP(config.clip)
+    from ..errors import ConfigError
+
+    raise ConfigError(f"unknown text_tower {config.text_tower!r} for SAN; use 'clip' or 'minilm'.")
 
 
 # ----------------------------------------------------------------------------------------------- side network
@@ -265,7 +280,7 @@ class SAN(OpenVocabModel):
         if not config.clip.is_vit:
             raise ValueError("SAN needs a CLIP ViT image tower")
         self.config = config
-        self.clip = CLIP(config.clip)
+        self.clip = build_clip_for(config)
         self.side = SideAdapterNetwork(config)
         self.bg_embed = nn.Parameter(torch.randn(1, config.clip.embed_dim) * config.clip.embed_dim ** -0.5)
         if config.closed_set_classes:
@@ -274,10 +289,7 @@ class SAN(OpenVocabModel):
             self.class_embed = nn.Parameter(torch.randn(config.closed_set_classes, config.clip.embed_dim) * 0.02)
         # Trainable: side network, CLIP's visual positional embedding, background embedding (paper: 8.4 M for B/16).
         self.freeze_clip(keep=("visual.positional_embedding",))
-        mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1) * 255
-        std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1) * 255
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
+        self.register_pixel_statistics()
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def clip_features(self, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor, tuple[int, int]]:
@@ -306,10 +318,6 @@ class SAN(OpenVocabModel):
             text_embeddings = F.normalize(self.class_embed, dim=-1)
         return torch.cat([text_embeddings.to(self.bg_embed.dtype), F.normalize(self.bg_embed, dim=-1)], dim=0)
 
-    def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """RGB in 0..255 -> CLIP-normalised (the official model normalises inside, with mean/std × 255)."""
-        return (images - self.pixel_mean) / self.pixel_std
-
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> dict:
         """Normalised images [B, 3, H, W] (H, W multiples of 32) and text embeddings [C, D].
@@ -330,26 +338,6 @@ class SAN(OpenVocabModel):
         return result
 
     # -- inference helpers used by the Predictor ------------------------------------------------------------------
-    def inference_size(self, height: int, width: int) -> tuple[int, int]:
-        """Resize so the short side is ``short_side`` while the long side stays <= ``max_side`` (official policy)."""
-        c = self.config
-        scale = c.short_side / min(height, width)
-        if max(height, width) * scale > c.max_side:
-            scale = c.max_side / max(height, width)
-        return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-
-    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """H×W×3 uint8 -> normalised, zero-padded batch [1, 3, Hp, Wp] and the (h, w) of the image inside it."""
-        from ..predict import resize_image
-
-        h, w = self.inference_size(*image.shape[:2])
-        resized = resize_image(image, (h, w))
-        x = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device).permute(2, 0, 1)[None].float()
-        x = self.normalize_pixels(x)
-        d = self.config.size_divisibility
-        pad_h, pad_w = (-h) % d, (-w) % d
-        return F.pad(x, (0, pad_w, 0, pad_h)), (h, w)
-
     @torch.inference_mode()
     def infer(self, pixels: torch.Tensor, text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval forward -> (class probabilities [B, Q, C] without background, mask logits [B, Q, h, w])."""
