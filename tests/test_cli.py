@@ -57,3 +57,29 @@ def test_models_lists_registered_names():
     res = run("models")
     assert res.returncode == 0
     assert "san_vit_b_16" in res.stdout and "default" in res.stdout
+
+
+def test_export_then_segment_with_onnx_backend(tmp_path):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(img)
+    weights = tmp_path / "w.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    import vocabseg
+
+    torch.manual_seed(0)
+    model = vocabseg.create_model("san_tiny_test")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    res = run("export", "--model", "san_tiny_test", "--checkpoint", str(weights), "--out", str(tmp_path / "onnx"))
+    assert res.returncode == 0, res.stderr
+    for backend_args, out in ((["--model", "san_tiny_test", "--checkpoint", str(weights)], "t"),
+                              (["--backend", "onnx", "--onnx", str(tmp_path / "onnx")], "o")):
+        res = run("segment", str(img), "--vocab", "cat, dog, grass", *backend_args, "--out", str(tmp_path / out))
+        assert res.returncode == 0, res.stderr
+    a = np.asarray(Image.open(tmp_path / "t" / "x_labels.png"))
+    b = np.asarray(Image.open(tmp_path / "o" / "x_labels.png"))
+    assert np.array_equal(a, b)

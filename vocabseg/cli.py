@@ -57,6 +57,8 @@ def segment(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     skip_existing: bool = typer.Option(False, help="Skip images whose outputs already exist (resume a folder run)."),
     trust_jit: bool = typer.Option(False, help="Allow loading TorchScript checkpoints (runs code from the file)."),
+    backend: str = typer.Option("torch", "--backend", help="torch, or onnx (with --onnx DIR from `vocabseg export`)."),
+    onnx_dir: Optional[Path] = typer.Option(None, "--onnx", help="Folder written by `vocabseg export`."),
 ) -> None:
     """Segment images with any vocabulary; writes a label PNG, an overlay with legend and a JSON per image."""
     from rich.progress import Progress
@@ -71,9 +73,20 @@ def segment(
         raise UserError(f"no images found in {inputs}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     files = files[rank::world]  # under torchrun each process takes its share of the files
-    net = _load(model, checkpoint, clip, device, trust_jit)
-    predictor = Predictor(net)
-    text = net.text_embeddings(names)  # once for the whole folder
+    if backend == "onnx":
+        from .export import load_onnx_segmenter
+
+        if onnx_dir is None:
+            raise UserError("--backend onnx needs --onnx DIR (a folder written by `vocabseg export`)")
+        predictor = load_onnx_segmenter(onnx_dir)
+        model_name = predictor.model_name
+    elif backend == "torch":
+        net = _load(model, checkpoint, clip, device, trust_jit)
+        predictor = Predictor(net)
+        model_name = getattr(net, "model_name", model)
+    else:
+        raise UserError(f"unknown backend {backend!r}; use torch or onnx")
+    text = predictor.text_embeddings(names)  # once for the whole folder
     palette = make_palette(len(names))
     out.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Path, str]] = []
@@ -97,7 +110,7 @@ def segment(
             result = predictor.predict_array(rgb, names, text)
             save_label_png(result.labels, targets[0], palette)
             _atomic_save_image(result.overlay(), targets[1])
-            summary = {"image": str(path), "model": getattr(net, "model_name", model), "vocabulary": names,
+            summary = {"image": str(path), "model": model_name, "backend": backend, "vocabulary": names,
                        "areas": result.areas()}
             _atomic_write_text(targets[2], json.dumps(summary, indent=2))
             done += 1
@@ -148,6 +161,22 @@ def train(
     if resume:
         cfg.resume = True
     run_train(cfg)
+
+
+@app.command("export")
+def export_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name (default: embedded)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    clip: Optional[Path] = typer.Option(None, "--clip"),
+    out: Path = typer.Option(Path("vocabseg_onnx"), "--out", "-o", help="Output folder."),
+    opset: int = typer.Option(17, "--opset"),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript or dynamo"),
+) -> None:
+    """Export to ONNX: the image model with text embeddings as an input (any vocabulary), the text encoder."""
+    from .export import export_command
+
+    export_command(model, checkpoint, clip, out, opset=opset, exporter=exporter)
+    console.print(f"wrote {out}")
 
 
 @app.command("train-clip")

@@ -71,8 +71,11 @@ class Predictor:
 
         names = parse_vocabulary(vocabulary)
         rgb = load_image(image)
-        text = self.model.text_embeddings(names)
-        return self.predict_array(rgb, names, text)
+        return self.predict_array(rgb, names, self.text_embeddings(names))
+
+    def text_embeddings(self, names: Sequence[str]) -> torch.Tensor:
+        """[C, D] embeddings of the class names through the model's cached vocabulary encoder."""
+        return self.model.text_embeddings(names)
 
     @torch.inference_mode()
     def predict_array(self, rgb: np.ndarray, names: list[str], text_embeddings: torch.Tensor) -> Segmentation:
