@@ -51,7 +51,8 @@ class ContrastiveConfig:
     text_tower: str = "clip"
     # optimisation
     batch_size: int = 64
-    max_iters: int = 1800
+    max_iters: int = 1800  # length of the LR schedule
+    stop_after: int | None = None  # end the run at this step (schedule unchanged); a later stage resumes from it
     lr: float = 5e-4
     weight_decay: float = 0.1
     warmup_iters: int = 100
@@ -109,7 +110,7 @@ class WorldPairs(torch.utils.data.Dataset):
         self.cfg = cfg
         self.seed_offset = seed_offset
         base = dict(min_size=cfg.world_min_size, max_size=cfg.world_max_size, max_objects=cfg.world_max_objects)
-        base.update(cfg.world_overrides)
+        base.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.world_overrides.items()})
         self.world = WorldConfig(**base)
         self.single = dataclasses.replace(self.world, max_objects=1)
 
@@ -163,6 +164,10 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _last_step(cfg: ContrastiveConfig) -> int:
+    return min(cfg.max_iters, cfg.stop_after) if cfg.stop_after else cfg.max_iters
+
+
 class _StepSampler(torch.utils.data.Sampler):
     """Indices step*batch .. : the data of a step depends only on the step number (exact resume)."""
 
@@ -204,7 +209,7 @@ def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
         step = int(state["step"])
         log(f"resumed from {ckpt} at step {step}")
     loader = torch.utils.data.DataLoader(
-        WorldPairs(cfg), batch_size=cfg.batch_size, sampler=_StepSampler(step, cfg.max_iters, cfg.batch_size),
+        WorldPairs(cfg), batch_size=cfg.batch_size, sampler=_StepSampler(step, _last_step(cfg), cfg.batch_size),
         num_workers=cfg.num_workers,
         collate_fn=_CollateWith(model.tokenizer) if isinstance(model, LiTCLIP) else _collate,
         worker_init_fn=_worker_init, persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
@@ -213,7 +218,7 @@ def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
     t_last, losses = time.perf_counter(), []
     with open(out / "metrics.jsonl", "a") as logf:
         for images, tokens in loader:
-            if step >= cfg.max_iters:
+            if step >= _last_step(cfg):
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
@@ -237,7 +242,7 @@ def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 log(json.dumps(rec))
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_iters:
+            if step % cfg.checkpoint_every == 0 or step == _last_step(cfg):
                 _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
     model.eval()
     if isinstance(model, LiTCLIP):
@@ -250,13 +255,16 @@ def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
 @torch.inference_mode()
 def zero_shot_report(model: CLIP | LiTCLIP, cfg: ContrastiveConfig, num_samples: int | None = None,
                      seed: int = 10_000_019) -> dict:
-    """Zero-shot accuracy on held-out single-object scenes (seeds disjoint from training): shape, colour, stuff."""
+    """Zero-shot accuracy on held-out single-object scenes (seeds disjoint from training): shape, colour, stuff.
+
+    Scenes use the world's full size range (small objects included), whatever the training overrides were, so
+    reports of different runs compare.
+    """
     from ..clip.vocabulary import encode_vocabulary
     from ..data.world import COLORS, OBJECT_CATEGORIES, STUFF_CLASSES, WorldConfig, generate_sample, sample_seed
 
     n = num_samples or cfg.eval_samples
-    world = WorldConfig(min_size=cfg.world_min_size, max_size=cfg.world_max_size, max_objects=1, min_objects=1,
-                        **cfg.world_overrides)
+    world = WorldConfig(min_size=cfg.world_min_size, max_size=cfg.world_max_size, max_objects=1, min_objects=1)
     tasks = {
         "shape": (list(OBJECT_CATEGORIES), [f"a photo of a {c}" for c in OBJECT_CATEGORIES]),
         "color": (list(COLORS), [f"a {c} shape" for c in COLORS]),
