@@ -14,7 +14,6 @@ Deep supervision repeats all of it, with its own matching, for every entry of
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,12 +21,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Criterion
+
 from .mask import dense_points, dice_loss, point_sample, sample_points_by_uncertainty, sigmoid_bce_loss
 from .matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "targets_from_semantic"]
 
-_AUX_SUFFIX = re.compile(r"_\d+$")
 
 
 def targets_from_semantic(label_map: Tensor, ignore_index: int = 255) -> dict[str, Tensor]:
@@ -55,7 +55,7 @@ def _reduce_num_masks(count: int, device: torch.device) -> float:
     return max(num.item() / world_size, 1.0)
 
 
-class SetCriterion(nn.Module):
+class SetCriterion(Criterion):
     """Losses for a mask-classification model: Hungarian matching, then CE + BCE + dice.
 
     ``forward`` returns unweighted losses; :meth:`weighted_total` combines them with
@@ -177,21 +177,6 @@ class SetCriterion(nn.Module):
             for key, value in self._losses_for(aux, targets, num_masks).items():
                 losses[f"{key}_{i}"] = value
         return losses
-
-    def weighted_total(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """Σ weight · loss; ``loss_x_i`` uses the weight of ``loss_x``, keys without a weight are skipped."""
-        total: Tensor | None = None
-        for key, value in losses.items():
-            weight = self.weight_dict.get(key)
-            if weight is None:
-                weight = self.weight_dict.get(_AUX_SUFFIX.sub("", key))
-            if weight is None:
-                continue
-            term = value * weight
-            total = term if total is None else total + term
-        if total is None:
-            raise ValueError(f"no loss in {sorted(losses)} has a weight in weight_dict {sorted(self.weight_dict)}")
-        return total
 
     def extra_repr(self) -> str:
         return (

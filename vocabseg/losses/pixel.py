@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Criterion
+
 __all__ = ["PixelCrossEntropy", "pixel_targets", "IGNORE"]
 
 IGNORE = -100  # F.cross_entropy's default ignore index
@@ -29,7 +31,7 @@ def pixel_targets(labels: Tensor, ignore_index: int = 255) -> Tensor:
     return torch.where(labels == ignore_index, torch.full_like(labels, IGNORE), labels)
 
 
-class PixelCrossEntropy(nn.Module):
+class PixelCrossEntropy(Criterion):
     """Pixel-wise CE. ``forward(outputs, targets)``: ``outputs`` is ``{"logits": [B, C, h, w]}`` (or the tensor),
     ``targets`` the output of :func:`pixel_targets`. Returns ``{"loss_ce": ...}``; :meth:`weighted_total` applies
     ``weight_dict`` (same contract as :class:`vocabseg.losses.SetCriterion`)."""
@@ -60,13 +62,3 @@ class PixelCrossEntropy(nn.Module):
             return {"loss_ce": logits.sum() * 0.0}  # all ignored: zero, graph kept (CE's mean would be NaN)
         return {"loss_ce": F.cross_entropy(logits, targets, ignore_index=IGNORE)}
 
-    def weighted_total(self, losses: Mapping[str, Tensor]) -> Tensor:
-        total: Tensor | None = None
-        for key, value in losses.items():
-            weight = self.weight_dict.get(key)
-            if weight is None:
-                continue
-            total = value * weight if total is None else total + value * weight
-        if total is None:
-            raise ValueError(f"no loss in {sorted(losses)} has a weight in weight_dict {sorted(self.weight_dict)}")
-        return total

@@ -17,12 +17,13 @@ like the final ones (the release's ``aux_weight_dict``).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .base import Criterion
 
 from .criterion import _reduce_num_masks
 from .mask import dice_loss, sigmoid_focal_loss
@@ -30,7 +31,6 @@ from .mask import dice_loss, sigmoid_focal_loss
 __all__ = ["ATMCriterion", "class_bound_targets", "SEGVIT_LOSS_WEIGHTS"]
 
 SEGVIT_LOSS_WEIGHTS = {"loss_ce": 1.0, "loss_mask": 20.0, "loss_dice": 1.0}
-_AUX_SUFFIX = re.compile(r"_\d+$")
 
 
 def class_bound_targets(label_map: Tensor, ignore_index: int = 255) -> dict[str, Tensor]:
@@ -48,7 +48,7 @@ def class_bound_targets(label_map: Tensor, ignore_index: int = 255) -> dict[str,
     return {"labels": labels, "masks": masks, "valid": valid}
 
 
-class ATMCriterion(nn.Module):
+class ATMCriterion(Criterion):
     """The ATM loss with the same contract as :class:`vocabseg.losses.SetCriterion`.
 
     ``forward(outputs, targets)`` takes ``outputs = {"pred_logits": [B, C, C+1], "pred_masks": [B, C, h, w],
@@ -133,18 +133,6 @@ class ATMCriterion(nn.Module):
             aux_losses = {**self.loss_labels(aux, targets), **self.loss_masks(aux, targets, num_masks)}
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         return losses
-
-    def weighted_total(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """Σ weight · loss; ``loss_x_i`` uses the weight of ``loss_x``; keys without a weight are skipped."""
-        total: Tensor | None = None
-        for key, value in losses.items():
-            weight = self.weight_dict.get(key, self.weight_dict.get(_AUX_SUFFIX.sub("", key)))
-            if weight is None:
-                continue
-            total = value * weight if total is None else total + value * weight
-        if total is None:
-            raise ValueError(f"no loss in {sorted(losses)} has a weight in weight_dict {sorted(self.weight_dict)}")
-        return total
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, weight_dict={self.weight_dict}, "
