@@ -64,6 +64,10 @@ class ContrastiveConfig:
     world_max_size: int = 160
     world_max_objects: int = 3
     single_object_prob: float = 0.4
+    # Hard negatives: with this probability a group of ``group_size`` consecutive samples (inside one batch) shows
+    # single objects that share colour and background, so only the shape tells their captions apart.
+    hard_negative_groups: float = 0.0
+    group_size: int = 8
     world_overrides: dict = field(default_factory=dict)
     eval_samples: int = 300
 
@@ -123,6 +127,14 @@ class WorldPairs(torch.utils.data.Dataset):
         seed = sample_seed(self.cfg.seed + self.seed_offset, index)
         rng = np.random.default_rng(seed)
         config = self.single if rng.random() < self.cfg.single_object_prob else self.world
+        if self.cfg.hard_negative_groups > 0:
+            group_rng = np.random.default_rng(sample_seed(self.cfg.seed + self.seed_offset + 1,
+                                                          index // self.cfg.group_size))
+            if group_rng.random() < self.cfg.hard_negative_groups:
+                color = self.world.colors[int(group_rng.integers(len(self.world.colors)))]
+                stuff = [s for s in self.world.stuff if s != "sky"]  # sky-only scenes put objects on the horizon
+                config = dataclasses.replace(self.single, colors=(color,),
+                                             stuff=(stuff[int(group_rng.integers(len(stuff)))],))
         sample = generate_sample(seed, config)
         caption = sample.captions[int(rng.integers(len(sample.captions)))]
         return to_clip_tensor(sample.image, self.cfg.image_resolution), caption
