@@ -1,4 +1,5 @@
-"""Every registered model: builds, forward shapes on odd sizes, gradients only where trainable, save/load.
+"""Every registered segmentation model: builds, forward shapes on odd sizes, gradients only where trainable,
+save/load. (Referring models, which take a sentence instead of a vocabulary, are tested in test_etris.py.)
 
 Registering a model adds it here (timm's habit). Models too large to run in CI time (> 200 M parameters) are
 built on the meta device and checked for shapes and the save/load key set only.
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 import vocabseg
 from vocabseg.models import get_config, list_models
 
-ALL = list_models(include_test=True)
+ALL = list_models(include_test=True, task="semantic")
 LARGE = 200e6
 
 

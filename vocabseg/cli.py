@@ -179,6 +179,69 @@ def export_cmd(
     console.print(f"wrote {out}")
 
 
+@app.command()
+def refer(
+    image: Path = typer.Argument(..., help="An image file."),
+    sentence: str = typer.Argument(..., help='What to find, e.g. "the man in the red shirt".'),
+    out: Path = typer.Option(Path("vocabseg_out"), "--out", "-o"),
+    model: str = typer.Option("etris_vit_b_16", "--model", "-m", help="A referring model (ETRIS)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    clip: Optional[Path] = typer.Option(None, "--clip"),
+    threshold: Optional[float] = typer.Option(None, help="Mask threshold (default: the model's, 0.35)."),
+    device: str = typer.Option("cpu"),
+    trust_jit: bool = typer.Option(False),
+) -> None:
+    """Referring segmentation: one sentence in, one mask out (mask PNG + overlay)."""
+    from .models.etris import refer_command
+
+    result = refer_command(image, sentence, out, model_name=model, checkpoint=checkpoint, clip=clip, device=device,
+                           threshold=threshold, trust_jit=trust_jit)
+    console.print(result)
+
+
+@app.command("train-referring")
+def train_referring_cmd(
+    config: Path = typer.Argument(..., help="YAML referring config (configs/etris_*.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+) -> None:
+    """Train a referring model (ETRIS); resumable."""
+    from .engine.referring import train_referring
+
+    train_referring(config, list(overrides or []))
+
+
+@app.command()
+def cams(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (custom-dataset layout + cams/)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    clip: Optional[Path] = typer.Option(None, "--clip"),
+    dataset: str = typer.Option("custom", help="custom (with --root) or world"),
+    root: Optional[Path] = typer.Option(None, "--root"),
+    split: str = typer.Option("train"),
+    threshold: Optional[float] = typer.Option(None),
+    background: str = typer.Option("background", help='Name of the background class, or "none".'),
+    scales: str = typer.Option("1,0.5,1.5,2"),
+    max_images: Optional[int] = typer.Option(None),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Write CLIMS class activation maps and thresholded pseudo-masks for a data set, and their mIoU."""
+    from .engine.cams import cams_command
+
+    cams_command(out, model=model, checkpoint=str(checkpoint) if checkpoint else None,
+                 clip=str(clip) if clip else None, dataset=dataset, data_root=str(root) if root else None,
+                 split=split, threshold=threshold, background=None if background == "none" else background,
+                 scales=scales, max_images=max_images, device=device, log=lambda line: console.print(line))
+
+
+@app.command("train-groupvit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_groupvit_cmd(ctx: typer.Context, config: Path = typer.Argument(...)) -> None:
+    """Train GroupViT on image-caption pairs of the generated world (key=value overrides follow the config)."""
+    from .engine.groupvit_train import main as groupvit_main
+
+    raise typer.Exit(groupvit_main([str(config), *ctx.args]))
+
+
 @app.command("train-clip")
 def train_clip_cmd(
     config: Path = typer.Argument(..., help="YAML of vocabseg.engine.contrastive.ContrastiveConfig fields."),

@@ -307,7 +307,8 @@ class TextEncoderExport(nn.Module):
         x = clip.ln_final(clip.transformer(x, self.causal.to(x.dtype)))
         eot = tokens.argmax(dim=-1)  # EOT has the largest id
         x = torch.gather(x, 1, eot[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
-        return x @ clip.text_projection
+        proj = clip.text_projection  # a matrix in CLIP, a module in GroupViT's text tower
+        return proj(x) if isinstance(proj, nn.Module) else x @ proj
 
 
 # ----------------------------------------------------------------------------------------------- export

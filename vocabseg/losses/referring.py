@@ -3,8 +3,9 @@
 ETRIS (Xu et al., ICCV 2023) trains with plain sigmoid BCE, averaged over every pixel of the 1/4-resolution map
 (104 × 104 for a 416 px input), against the ground-truth mask resized to that map with nearest-neighbour
 sampling. :class:`ReferringCriterion` does exactly that and follows the interface of the other criteria
-(``__call__(outputs, targets) -> dict of unweighted losses`` and :meth:`weighted_total`). An optional dice term
-(weight 0 by default, i.e. off, as in the paper) is there for experiments.
+(:class:`~vocabseg.losses.base.Criterion`: ``criterion(outputs, targets) -> dict of unweighted losses`` and
+:meth:`weighted_total`). An optional dice term (weight 0 by default, i.e. off, as in the paper) is there for
+experiments.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .base import Criterion
 
 __all__ = ["ReferringCriterion", "resize_mask_targets", "referring_targets"]
 
@@ -37,7 +40,7 @@ def resize_mask_targets(targets: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(targets, size=size, mode="nearest")
 
 
-class ReferringCriterion:
+class ReferringCriterion(Criterion):
     """``{"loss_bce": mean BCE over all pixels}`` (+ ``"loss_dice"`` when its weight is non-zero).
 
     ``outputs["mask_logits"]`` [B, 1, h, w]; ``targets`` float masks [B, 1, H, W] (see :func:`referring_targets`),
@@ -45,11 +48,12 @@ class ReferringCriterion:
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 0.0) -> None:
+        super().__init__()
         self.weight_dict = {"loss_bce": float(bce_weight)}
         if dice_weight:
             self.weight_dict["loss_dice"] = float(dice_weight)
 
-    def __call__(self, outputs: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, outputs: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
         logits = outputs["mask_logits"]
         if logits.ndim != 4 or logits.shape[1] != 1:
             raise ValueError(f"mask_logits must have shape [B, 1, h, w], got {tuple(logits.shape)}")
@@ -64,15 +68,3 @@ class ReferringCriterion:
             dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
             losses["loss_dice"] = dice.mean()
         return losses
-
-    def weighted_total(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """Σ weight · loss over the losses that have a weight."""
-        total: Tensor | None = None
-        for key, value in losses.items():
-            weight = self.weight_dict.get(key)
-            if weight is None:
-                continue
-            total = value * weight if total is None else total + value * weight
-        if total is None:
-            raise ValueError(f"no loss in {sorted(losses)} has a weight in {sorted(self.weight_dict)}")
-        return total

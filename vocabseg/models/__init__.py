@@ -13,7 +13,7 @@ from .registry import DEFAULT_MODEL, create_model, get_config, get_entry, list_m
 from .weights import load_strict
 from . import san  # noqa: F401  (registers SAN configs)
 from . import default  # noqa: F401  (the embedded default)
-from . import lseg, segvit  # noqa: F401
+from . import clims, etris, groupvit, lseg, segvit  # noqa: F401
 
 
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, clip: str | Path | None = None,

@@ -28,6 +28,7 @@ class ModelEntry:
     weights: Path | None = None  # bundled weights (package data), loaded when no checkpoint is given
     test_only: bool = False  # tiny configs for the test-suite
     clip_weights: Path | None = None  # bundled CLIP weights loaded before ``weights`` (which then omit CLIP)
+    task: str = "semantic"  # "semantic": predict(image, vocabulary); "referring": refer(image, sentence)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -35,22 +36,24 @@ DEFAULT_MODEL = "default"
 
 
 def register_model(name: str, family: str, config: Any, description: str = "", weights: Path | None = None,
-                   test_only: bool = False, clip_weights: Path | None = None) -> Callable:
+                   test_only: bool = False, clip_weights: Path | None = None, task: str = "semantic") -> Callable:
     """Decorator: register ``builder(config) -> model`` under ``name`` with its default ``config``."""
 
     def wrap(builder: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, family, builder, config, description, weights, test_only, clip_weights)
+        _REGISTRY[name] = ModelEntry(name, family, builder, config, description, weights, test_only, clip_weights,
+                                     task)
         return builder
 
     return wrap
 
 
-def list_models(pattern: str = "*", include_test: bool = False) -> list[str]:
-    """Registered model names matching a shell-style pattern (``"san_*"``)."""
+def list_models(pattern: str = "*", include_test: bool = False, task: str | None = None) -> list[str]:
+    """Registered model names matching a shell-style pattern (``"san_*"``), optionally of one task."""
     return sorted(n for n, e in _REGISTRY.items()
-                  if fnmatch.fnmatch(n, pattern) and (include_test or not e.test_only))
+                  if fnmatch.fnmatch(n, pattern) and (include_test or not e.test_only)
+                  and (task is None or e.task == task))
 
 
 def get_entry(name: str) -> ModelEntry:

@@ -1,0 +1,330 @@
+"""Image–caption training of GroupViT on the generated world, and its zero-shot segmentation score there.
+
+GroupViT learns from captions only: every step sees a batch of world scenes, their captions, and K = 3 prompted
+nouns per caption ("a photo of a {noun}."). The nouns come from the world's synonym tables
+(:func:`vocabseg.data.world.parse_caption`): object categories and stuff classes mentioned in the caption, in their
+canonical names ("disc" -> "circle", "lawn" -> "grass"); like the release, a caption with fewer than K nouns is
+padded with the caption itself. Losses: image-text contrastive + multi-label contrastive
+(:mod:`vocabseg.losses.contrastive`).
+
+The data pipeline is the CLIP one of :mod:`vocabseg.engine.contrastive` (``WorldPairs``: item i is a pure function
+of (seed, i); ``_StepSampler``: step k reads items k·B .. so a resumed run sees the same data as an uninterrupted
+one; its cosine schedule ``lr_at``), so both trainings read the same kind of world samples.
+
+    python -m vocabseg.engine.groupvit_train configs/groupvit_tiny_world.yaml   (rerun to resume)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..clip.tokenizer import tokenize
+from ..errors import ConfigError
+from .contrastive import ContrastiveConfig, WorldPairs, _atomic_save, _StepSampler, _worker_init, lr_at
+
+__all__ = ["GroupViTTrainConfig", "caption_nouns", "prompted_nouns", "WorldCaptionNouns", "train_groupvit",
+           "load_groupvit_train_config", "evaluate_world_zero_shot", "build_groupvit"]
+
+NOUN_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+# ----------------------------------------------------------------------------------------------- nouns
+
+
+def caption_nouns(caption: str) -> list[str]:
+    """Canonical object categories and stuff classes named in a world caption, first mention first.
+
+    Generic mentions ("four shapes") carry no category and are skipped.
+    """
+    from ..data.world import parse_caption
+
+    mentions, stuff = parse_caption(caption)
+    nouns = [m.category for m in mentions if m.category is not None] + list(stuff)
+    return list(dict.fromkeys(nouns))
+
+
+def prompted_nouns(caption: str, k: int = 3, rng: np.random.Generator | None = None,
+                   templates: Sequence[str] = NOUN_TEMPLATES) -> list[str]:
+    """K texts for the multi-label loss: up to K distinct nouns of the caption drawn at random, each put in a
+    random template; padded with the caption itself when it names fewer than K (the release's rule)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    nouns = caption_nouns(caption)
+    chosen = [nouns[i] for i in rng.choice(len(nouns), size=min(k, len(nouns)), replace=False)] if nouns else []
+    texts = [templates[int(rng.integers(len(templates)))].format(n) for n in chosen]
+    return texts + [caption] * (k - len(texts))
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class GroupViTTrainConfig:
+    output_dir: str = "runs/groupvit_world"
+    seed: int = 0
+    # model: a registered GroupViT and overrides of its config fields (``text`` as a dict of text-tower fields)
+    model: str = "groupvit_vit_s"
+    model_overrides: dict = field(default_factory=dict)
+    image_resolution: int = 96  # world scenes are squashed to this square size
+    multi_label: int = 3  # prompted nouns per caption; 0 turns the multi-label loss off
+    multi_label_weight: float = 1.0
+    noun_templates: Any = "simple"  # a template-set name of vocabseg.clip.vocabulary or a list of "{}" strings
+    # optimisation (release: AdamW, lr 1.6e-3 for batch 4096, wd 0.05, cosine, warm-up, grad clip 5)
+    batch_size: int = 64
+    max_iters: int = 2000
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_iters: int = 100
+    clip_grad: float = 5.0
+    checkpoint_every: int = 100
+    log_every: int = 20
+    num_workers: int = 1
+    # data: world scenes (same fields as vocabseg.engine.contrastive.ContrastiveConfig)
+    world_min_size: int = 96
+    world_max_size: int = 160
+    world_max_objects: int = 3
+    single_object_prob: float = 0.4
+    world_overrides: dict = field(default_factory=dict)
+    # zero-shot evaluation at the end (held-out seeds)
+    eval_samples: int = 100
+    eval_scheme: Any = "category"
+
+
+def data_config(cfg: GroupViTTrainConfig) -> ContrastiveConfig:
+    """The CLIP trainer's data fields, filled from ours (its WorldPairs reads only these)."""
+    return ContrastiveConfig(output_dir=cfg.output_dir, seed=cfg.seed, image_resolution=cfg.image_resolution,
+                             world_min_size=cfg.world_min_size, world_max_size=cfg.world_max_size,
+                             world_max_objects=cfg.world_max_objects, single_object_prob=cfg.single_object_prob,
+                             world_overrides=dict(cfg.world_overrides))
+
+
+def build_groupvit(cfg: GroupViTTrainConfig):
+    """A fresh GroupViT of ``cfg`` with every parameter trainable."""
+    from ..models import create_model, get_entry
+    from ..models import groupvit as _registers  # noqa: F401  (until vocabseg.models imports it)
+
+    if get_entry(cfg.model).family != "groupvit":
+        raise ConfigError(f"model {cfg.model!r} is not a GroupViT; use groupvit_vit_s with model_overrides")
+    model = create_model(cfg.model, **cfg.model_overrides)
+    model.unfreeze_all()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class WorldCaptionNouns(torch.utils.data.Dataset):
+    """Item i = (image tensor (CLIP-normalised), caption, K prompted nouns); a pure function of (seed, i)."""
+
+    def __init__(self, cfg: GroupViTTrainConfig):
+        from ..clip.vocabulary import resolve_templates
+
+        self.pairs = WorldPairs(data_config(cfg))
+        self.k = cfg.multi_label
+        self.seed = cfg.seed
+        self.templates = resolve_templates(cfg.noun_templates)[1]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, list[str]]:
+        image, caption = self.pairs[index]
+        rng = np.random.default_rng([self.seed, int(index), 0x6e6f756e])
+        return image, caption, prompted_nouns(caption, self.k, rng, self.templates)
+
+
+def collate_caption_nouns(items) -> dict[str, torch.Tensor]:
+    """-> images [B, 3, S, S], caption ids [B, 77], noun ids [B, K, 77] (None when K = 0)."""
+    images = torch.stack([i[0] for i in items])
+    captions = tokenize([i[1] for i in items])
+    k = len(items[0][2])
+    nouns = tokenize([n for i in items for n in i[2]]).view(len(items), k, -1) if k else None
+    return {"images": images, "captions": captions, "nouns": nouns}
+
+
+def to_model_pixels(clip_normalised: torch.Tensor, model) -> torch.Tensor:
+    """CLIP-normalised images (WorldPairs) -> the model's own normalisation (e.g. ImageNet's for the release)."""
+    from ..clip.model import OPENAI_MEAN, OPENAI_STD
+
+    mean = torch.tensor(OPENAI_MEAN, device=clip_normalised.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=clip_normalised.device).view(1, 3, 1, 1)
+    rgb255 = (clip_normalised * std + mean) * 255.0
+    return model.normalize_pixels(rgb255)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """No decay for 1-d tensors (norms, biases, logit scales), embeddings and group tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "embed" in name or "group_token" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_groupvit(cfg: GroupViTTrainConfig, resume: bool = True, log=print) -> Path:
+    """Train (or continue) GroupViT on world captions; returns ``groupvit.safetensors`` in ``output_dir``, loadable
+    with ``vocabseg.load_model(cfg.model, checkpoint=..., **cfg.model_overrides)`` (``model.json`` records both)."""
+    from ..losses.contrastive import GroupViTLoss
+
+    if cfg.multi_label < 0:
+        raise ConfigError(f"multi_label must be >= 0, got {cfg.multi_label}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    model = build_groupvit(cfg)
+    criterion = GroupViTLoss(cfg.multi_label_weight)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    step = 0
+    ckpt = out / "last.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        log(f"resumed from {ckpt} at step {step}")
+    loader = torch.utils.data.DataLoader(
+        WorldCaptionNouns(cfg), batch_size=cfg.batch_size,
+        sampler=_StepSampler(step, cfg.max_iters, cfg.batch_size), num_workers=cfg.num_workers,
+        collate_fn=collate_caption_nouns, worker_init_fn=_worker_init, persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers else None)
+    model.train()
+    t_last, window = time.perf_counter(), {}
+    with open(out / "metrics.jsonl", "a") as logf:
+        for batch in loader:
+            if step >= cfg.max_iters:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            images = to_model_pixels(batch["images"], model)
+            outputs = model.contrastive_outputs(images, batch["captions"], batch["nouns"])
+            losses = criterion(outputs)
+            total = criterion.weighted_total(losses)
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"the loss is {total.item()} at step {step}; lower lr")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            step += 1
+            for k, v in {**losses, "loss": total}.items():
+                window.setdefault(k, []).append(float(v.detach()))
+            if step % cfg.log_every == 0 or step == cfg.max_iters:
+                dt = time.perf_counter() - t_last
+                t_last = time.perf_counter()
+                n = len(window["loss"])
+                rec = {"step": step, **{k: float(np.mean(v)) for k, v in window.items()}, "lr": lr_at(cfg, step - 1),
+                       "logit_scale": float(model.logit_scale.detach().exp()), "img_per_s": n * cfg.batch_size / dt}
+                window = {}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                log(json.dumps(rec))
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_iters:
+                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
+    model.eval()
+    return save_groupvit(model, cfg, out)
+
+
+def save_groupvit(model, cfg: GroupViTTrainConfig, out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    final = out / "groupvit.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(final))
+    (out / "model.json").write_text(json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides},
+                                               indent=2))
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate_world_zero_shot(model, num_samples: int = 100, seed: int = 20_000_003, scheme: Any = "category",
+                             world: dict | None = None) -> dict:
+    """Zero-shot mIoU of a GroupViT (any segmentation model with ``predict``) on held-out world scenes, classes of
+    ``scheme`` (vocabseg.data.world.class_names), with :class:`vocabseg.metrics.ConfusionMatrix`."""
+    from ..data.world import WorldConfig, WorldDataset
+    from ..metrics import ConfusionMatrix
+    from ..predict import Predictor
+
+    ds = WorldDataset(num_samples, seed=seed, config=WorldConfig(**(world or {})), scheme=scheme)
+    predictor = Predictor(model)
+    text = predictor.text_embeddings(ds.class_names)
+    cm = ConfusionMatrix(len(ds.class_names), ignore_index=ds.vocabulary.ignore_index)
+    for item in ds:
+        seg = predictor.predict_array(item["image"], ds.class_names, text)
+        cm.update(seg.labels, item["label"])
+    result = cm.compute()
+    return {"mIoU": result["mIoU"], "pACC": result["pACC"], "classes": ds.class_names, "IoU": result["IoU"],
+            "num_samples": num_samples}
+
+
+# ----------------------------------------------------------------------------------------------- config files
+
+
+def load_groupvit_train_config(path: str | Path, overrides: Sequence[str] = ()) -> GroupViTTrainConfig:
+    """Read a YAML of GroupViTTrainConfig fields, then ``key=value`` overrides; unknown keys are errors."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        data[key.strip()] = yaml.safe_load(value)
+    fields = {f.name: f for f in dataclasses.fields(GroupViTTrainConfig)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {p}; valid: {', '.join(fields)}")
+    for key, f in fields.items():  # YAML reads 5e-4 as a string
+        if key in data and f.type in ("float", float) and isinstance(data[key], str):
+            data[key] = float(data[key])
+    return GroupViTTrainConfig(**data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vocabseg.engine.groupvit_train CONFIG [key=value ...] [--eval-only]``"""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    eval_only = "--eval-only" in args
+    args = [a for a in args if a != "--eval-only"]
+    if not args:
+        print(main.__doc__)
+        return 2
+    cfg = load_groupvit_train_config(args[0], args[1:])
+    from ..models import groupvit as _registers  # noqa: F401
+    from ..models import load_model
+
+    if eval_only:
+        path = Path(cfg.output_dir) / "groupvit.safetensors"
+        model = load_model(cfg.model, checkpoint=path, **cfg.model_overrides)
+    else:
+        path = train_groupvit(cfg)
+        model = load_model(cfg.model, checkpoint=path, **cfg.model_overrides)
+    if cfg.eval_samples:
+        report = evaluate_world_zero_shot(model, cfg.eval_samples, scheme=cfg.eval_scheme,
+                                          world={"min_size": cfg.world_min_size, "max_size": cfg.world_max_size,
+                                                 "max_objects": cfg.world_max_objects, **cfg.world_overrides})
+        print(json.dumps({k: v for k, v in report.items() if k != "IoU"}))
+        (Path(cfg.output_dir) / "zero_shot.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,453 @@
+"""Training and evaluating referring-segmentation models (ETRIS): ``train_referring(config)``,
+``evaluate_referring(model, dataset)``.
+
+The semantic-segmentation trainer (``trainer.py``) works on label maps and class vocabularies; a referring model
+takes (image, sentence) pairs and predicts one mask, so it gets this small loop of its own. What it shares with
+the main trainer: atomic, resumable checkpoints (``checkpoint.py``: trainable tensors, optimizer, RNG states, a
+fingerprint of the frozen CLIP), ``metrics.jsonl`` logging, ``model_final.safetensors`` + ``model_final.json``
+loadable by ``vocabseg.load_model(name, checkpoint=...)``.
+
+The recipe (paper, ``configs/etris_vit_b_16_refcoco.yaml``): Adam, lr 1e-4 (Bridgers 1e-3), no weight decay,
+×0.1 after epoch 35 of 50, batch 32, images letterboxed to 416 px, BCE at 1/4 resolution. Epochs are converted to
+optimizer steps (``floor(items / batch)`` per epoch). The data order is a pure function of (seed, epoch): batch b of
+epoch e is ``permutation(seed, e)[b·B:(b+1)·B]``, and a ref's sentence for epoch e is drawn from (seed, e, index),
+so a resumed run continues exactly where it stopped without storing sampler state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import CheckpointError, ConfigError
+from . import checkpoint as ckpt
+
+__all__ = ["ReferringTrainConfig", "load_referring_config", "train_referring", "evaluate_referring",
+           "build_referring_dataset", "referring_lr_factor"]
+
+METRICS_LOG = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class ReferringTrainConfig:
+    """Everything a referring training run needs; defaults follow the ETRIS paper (ViT-B/16, RefCOCO)."""
+
+    model: str = "etris_vit_b_16"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    clip: str | None = None  # CLIP weights (OpenAI / open_clip file) for the frozen towers
+    init_checkpoint: str | None = None
+    trust_jit: bool = False
+    # -- data
+    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | world
+    data_root: str | None = None
+    split_by: str | None = None  # unc (RefCOCO/+), umd or google (RefCOCOg)
+    train_split: str = "train"
+    val_splits: list[str] = field(default_factory=lambda: ["val"])
+    val_max_items: int | None = None
+    world: dict[str, Any] = field(default_factory=dict)  # num_train, num_val, seed + WorldConfig fields
+    num_workers: int = 0
+    # -- optimisation
+    batch_size: int = 32
+    epochs: float = 50.0
+    max_iters: int | None = None  # overrides epochs
+    milestones: list[float] = field(default_factory=lambda: [35.0])  # in epochs: lr × lr_decay after each
+    lr_decay: float = 0.1
+    lr: float = 1e-4
+    bridger_lr: float | None = 1e-3  # paper: 1e-3 for the ViT Bridgers (null: same as lr)
+    weight_decay: float = 0.0
+    clip_grad: float | None = None
+    amp: str = "none"  # none | bf16 | fp16 (fp16: CUDA only, with a GradScaler)
+    # -- run
+    device: str = "auto"
+    seed: int = 0
+    output_dir: str = "runs/etris"
+    resume: bool | str = "auto"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: only at the end
+    log_every: int = 20
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_iters is not None and self.max_iters < 1:
+            raise ConfigError(f"max_iters must be at least 1 (or null), got {self.max_iters}")
+        if self.epochs <= 0 and self.max_iters is None:
+            raise ConfigError("epochs must be positive (or give max_iters)")
+        if self.lr <= 0 or (self.bridger_lr is not None and self.bridger_lr <= 0):
+            raise ConfigError("lr and bridger_lr must be positive")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
+            raise ConfigError(f"resume must be true, false or auto, got {self.resume!r}")
+        if self.dataset not in ("refcoco", "refcoco+", "refcocog", "world"):
+            raise ConfigError(f"dataset must be refcoco, refcoco+, refcocog or world, got {self.dataset!r}")
+        if isinstance(self.val_splits, str):
+            self.val_splits = [self.val_splits]
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def load_referring_config(source: ReferringTrainConfig | Mapping[str, Any] | str | os.PathLike,
+                          overrides: Iterable[str] = ()) -> ReferringTrainConfig:
+    """A config from a YAML file, a dict or a config, with ``key=value`` overrides (YAML values, dots for dicts)."""
+    import yaml
+
+    if isinstance(source, ReferringTrainConfig):
+        data = source.to_dict()
+    elif isinstance(source, Mapping):
+        data = json.loads(json.dumps(dict(source)))
+    else:
+        p = Path(source).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = data
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(value)
+    known = {f.name for f in dataclasses.fields(ReferringTrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; known: {', '.join(sorted(known))}")
+    return ReferringTrainConfig(**data)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def build_referring_dataset(config: ReferringTrainConfig, split: str, training: bool = False):
+    """The dataset of one split: RefCOCO-family readers or the generated referring world."""
+    if config.dataset == "world":
+        from ..data.referring_world import REFERRING_WORLD_CONFIG, ReferringWorldDataset
+        from ..data.world import WorldConfig
+
+        w = dict(config.world)
+        num_train, num_val = int(w.pop("num_train", 2000)), int(w.pop("num_val", 200))
+        seed = int(w.pop("seed", 0))
+        fields = {f.name for f in dataclasses.fields(WorldConfig)}
+        bad = sorted(set(w) - fields)
+        if bad:
+            raise ConfigError(f"unknown world keys {bad}; use num_train, num_val, seed or WorldConfig fields")
+        base = REFERRING_WORLD_CONFIG.to_dict()
+        base.update(w)
+        world_cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base.items()})
+        return ReferringWorldDataset(num_train if split == "train" else num_val, split, seed, world_cfg)
+    from ..data.refcoco import RefCOCODataset
+
+    if not config.data_root:
+        raise ConfigError(f"data_root must point at the folder holding {config.dataset}/ and the COCO images")
+    return RefCOCODataset(config.data_root, config.dataset, split, config.split_by,
+                          per="ref" if training else "sentence")
+
+
+class _TrainItems(Dataset):
+    """Letterboxed training items addressed by (epoch, index); the sentence of a ref is drawn per epoch."""
+
+    def __init__(self, dataset, size: int, seed: int):
+        self.dataset, self.size, self.seed = dataset, size, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
+        from ..models.etris import letterbox, letterbox_mask
+
+        epoch, index = key
+        item = self.dataset[index]
+        sentences = item.get("sentences") or [item["sentence"]]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        sentence = sentences[int(rng.integers(len(sentences)))]
+        image = np.ascontiguousarray(np.asarray(item["image"]).transpose(1, 2, 0))
+        boxed, _ = letterbox(image, self.size)
+        return boxed, letterbox_mask(np.asarray(item["mask"], bool), self.size), sentence
+
+
+def _collate(batch: list[tuple[np.ndarray, np.ndarray, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([b[1] for b in batch]))
+    return pixels, masks, [b[2] for b in batch]
+
+
+class _Batches(Sampler):
+    """Batches of (epoch, index) for optimizer steps ``start .. total-1`` (pure function of seed and step)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int):
+        self.n, self.bs, self.seed, self.start, self.total = n, batch_size, seed, start, total
+        self.per_epoch = max(1, n // batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self):
+        cache: tuple[int, np.ndarray] | None = None
+        for it in range(self.start, self.total):
+            epoch, b = divmod(it, self.per_epoch)
+            if cache is None or cache[0] != epoch:
+                cache = (epoch, np.random.default_rng([self.seed, epoch, 7]).permutation(self.n))
+            idx = cache[1][b * self.bs:(b + 1) * self.bs]
+            if len(idx) < self.bs:  # fewer items than one batch: wrap around
+                idx = np.resize(cache[1], self.bs)
+            yield [(epoch, int(i)) for i in idx]
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def referring_lr_factor(iteration: int, milestones: Sequence[int], decay: float) -> float:
+    """Step schedule: ``decay ** (number of milestones <= iteration)``."""
+    return decay ** sum(1 for m in milestones if iteration >= m)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate_referring(model, dataset, max_items: int | None = None, batch_size: int = 8,
+                       threshold: float | None = None) -> dict[str, float]:
+    """mIoU, oIoU and Prec@0.5..0.9 (percent, :class:`vocabseg.metrics.ReferringMeter`) of ``model.refer`` on the
+    items of ``dataset`` (dicts with ``image`` [3, H, W] uint8, ``mask`` [H, W], ``sentence``), at each image's own
+    resolution. Also ``num_items``."""
+    from ..metrics import ReferringMeter
+
+    was_training = model.training
+    model.eval()
+    meter = ReferringMeter()
+    n = len(dataset) if max_items is None else min(len(dataset), max_items)
+    try:
+        for start in range(0, n, batch_size):
+            items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+            images = [np.ascontiguousarray(np.asarray(it["image"]).transpose(1, 2, 0)) for it in items]
+            results = model.refer_batch(images, [it["sentence"] for it in items], threshold=threshold)
+            for it, r in zip(items, results):
+                meter.update(r.mask, np.asarray(it["mask"], bool))
+    finally:
+        model.train(was_training)
+    out = meter.compute()
+    out["num_items"] = float(n)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def _build_model(config: ReferringTrainConfig, device: torch.device):
+    from ..clip.load import drop_non_weights, read_state_dict
+    from ..clip.model import CLIPConfig
+    from ..models import create_model, get_config
+    from ..models.weights import load_strict
+
+    overrides = dict(config.model_overrides)
+    if isinstance(overrides.get("clip"), Mapping):
+        overrides["clip"] = CLIPConfig.from_dict(overrides["clip"])
+    for k, v in list(overrides.items()):
+        if isinstance(v, list):
+            overrides[k] = tuple(v)
+    model = create_model(config.model, get_config(config.model, **overrides))
+    if not hasattr(model, "refer_batch"):
+        raise ConfigError(f"model {config.model!r} is not a referring model; use an etris_* model")
+    if config.clip:
+        state = drop_non_weights(read_state_dict(config.clip, trust_jit=config.trust_jit))
+        try:
+            load_strict(model.clip, state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{config.clip}: {e}") from None
+    if config.init_checkpoint:
+        model.load_checkpoint_state(read_state_dict(config.init_checkpoint, trust_jit=config.trust_jit),
+                                    allow_missing_clip=bool(config.clip))
+    return model.to(device)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _log(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(record)) + "\n")
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("iter", 0) <= iteration:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def train_referring(config: ReferringTrainConfig | Mapping[str, Any] | str | os.PathLike,
+                    overrides: Iterable[str] = (), *, train_dataset=None,
+                    val_datasets: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Train a referring model; resumable (``resume: auto`` continues from the newest checkpoint in output_dir).
+
+    ``train_dataset`` / ``val_datasets`` replace the datasets the config names (items as in
+    :mod:`vocabseg.data.refcoco`). Returns ``{"iteration", "final_weights", "last_checkpoint", "losses",
+    "metrics": {split: {...}}}``.
+    """
+    import yaml
+
+    cfg = load_referring_config(config, overrides)
+    device = _device(cfg.device)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp=fp16 needs a CUDA device; use bf16 or none")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_stale_tmp(out)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.verbose else (lambda msg: None)
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    model = _build_model(cfg, device)
+    model.train()
+    size = model.config.input_size
+    train_ds = train_dataset if train_dataset is not None else build_referring_dataset(cfg, cfg.train_split, True)
+    if val_datasets is None:
+        val_datasets = {s: build_referring_dataset(cfg, s) for s in cfg.val_splits}
+    if len(train_ds) == 0:
+        raise ConfigError("the training split is empty")
+    per_epoch = max(1, len(train_ds) // cfg.batch_size)
+    total = cfg.max_iters if cfg.max_iters is not None else max(1, int(round(cfg.epochs * per_epoch)))
+    milestones = [int(round(m * per_epoch)) for m in cfg.milestones]
+
+    groups = model.parameter_groups(cfg.lr, cfg.bridger_lr)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    criterion = model.build_criterion()
+
+    start = 0
+    found = ckpt.find_resume_checkpoint(out) if cfg.resume else None
+    if cfg.resume is True and found is None:
+        raise CheckpointError(f"resume=true but {out} holds no checkpoint")
+    if found is not None:
+        path, state = found
+        if state.get("model_name") != cfg.model:
+            raise CheckpointError(f"{path} was written for model {state.get('model_name')!r}, not {cfg.model!r}")
+        if state.get("fingerprint") != ckpt.frozen_fingerprint(model):
+            raise CheckpointError(f"{path} was trained on other frozen CLIP weights; pass the same clip: file")
+        ckpt.load_trainable_state(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng_state(state["rng"])
+        start = int(state["iteration"])
+        _truncate_log(out / METRICS_LOG, start)
+        say(f"resumed from {path.name} at step {start}")
+    ckpt.atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def save(iteration: int) -> Path:
+        state = {"model": ckpt.trainable_state(model), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else {}, "rng": ckpt.capture_rng_state(),
+                 "config": cfg.to_dict(), "fingerprint": ckpt.frozen_fingerprint(model), "model_name": cfg.model}
+        return ckpt.save_checkpoint(state, out, iteration, keep=cfg.keep_checkpoints)
+
+    def evaluate_all(iteration: int) -> dict[str, dict[str, float]]:
+        results = {}
+        for split, ds in val_datasets.items():
+            results[split] = evaluate_referring(model, ds, cfg.val_max_items)
+            _log(out / METRICS_LOG, {"iter": iteration, "split": split, **results[split]})
+            r = results[split]
+            say(f"step {iteration} {split}: mIoU {r['mIoU']:.2f} oIoU {r['oIoU']:.2f} Prec@0.5 {r['Prec@0.5']:.2f}")
+        return results
+
+    loader = DataLoader(_TrainItems(train_ds, size, cfg.seed), batch_sampler=_Batches(
+        len(train_ds), cfg.batch_size, cfg.seed, start, total), collate_fn=_collate, num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG stays as restored
+    losses: list[float] = []
+    metrics: dict[str, dict[str, float]] = {}
+    last = None
+    t0, window = time.perf_counter(), []
+    it = start
+    for it, (pixels, masks, sentences) in enumerate(loader, start=start):
+        factor = referring_lr_factor(it, milestones, cfg.lr_decay)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        pixels = model.normalize_pixels(pixels.to(device, non_blocking=True))
+        tokens = model.tokenize(sentences)
+        targets = model.training_targets(masks).to(device)
+        with _autocast(cfg.amp, device):
+            outputs = model(pixels, tokens)
+        loss_dict = criterion({k: v.float() for k, v in outputs.items()}, targets)
+        loss = criterion.weighted_total(loss_dict)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss.item()} at step {it}; lower lr or use amp=none")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        losses.append(float(loss.item()))
+        window.append(losses[-1])
+        step = it + 1
+        if step % cfg.log_every == 0 or step == total:
+            dt = (time.perf_counter() - t0) / len(window)
+            record = {"iter": step, "loss": float(np.mean(window)), "lr": cfg.lr * factor, "sec_per_step": dt}
+            _log(out / METRICS_LOG, record)
+            say(f"step {step}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} {dt:.2f} s/step")
+            t0, window = time.perf_counter(), []
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            last = save(step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            metrics = evaluate_all(step)
+    final_step = max(total, start)
+    if start < total or last is None:
+        last = save(final_step)
+    metrics = evaluate_all(final_step) if val_datasets else {}
+    meta = {"model": cfg.model, "model_overrides": cfg.model_overrides, "iteration": final_step,
+            "task": "referring", "metrics": metrics}
+    weights, _ = ckpt.save_final_model(model, out, meta)
+    return {"iteration": final_step, "final_weights": str(weights), "last_checkpoint": str(last),
+            "losses": losses, "metrics": metrics}
