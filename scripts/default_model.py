@@ -4,8 +4,8 @@
     python scripts/default_model.py evaluate    # held-out world: CLIP zero-shot, SAN seen/unseen mIoU, baselines
                                                 # -> docs/default_model_results.json (numbers quoted in the docs)
 
-Seen / unseen split (configs/default_san_world.yaml): SAN's segmentation labels never contain sand, wall, heart,
-hexagon or crescent; CLIP saw those words only in captions.
+Seen / unseen split (configs/default_san_world.yaml): SAN's segmentation labels never contain sand, wall or pink,
+white, black or brown objects; CLIP saw those words only in captions.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SEEN = ["sky", "grass", "water", "road", "background", "circle", "square", "triangle", "star", "ring", "cross",
-        "arrow"]
-UNSEEN = ["sand", "wall", "heart", "hexagon", "crescent"]
+SEEN = ["sky", "grass", "water", "road", "background", "red shape", "green shape", "blue shape", "yellow shape",
+        "orange shape", "purple shape"]
+UNSEEN = ["sand", "wall", "pink shape", "white shape", "black shape", "brown shape"]
+# Shape names: SAN never trained on them either; reported separately (the small CLIP did not learn shapes).
+SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "heart", "hexagon", "arrow", "crescent"]
 EVAL_SEED = 7_777_777  # held-out scenes: seeds disjoint from training (train 0, val 1)
 
 

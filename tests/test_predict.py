@@ -108,11 +108,24 @@ def test_large_vocabulary_bands_bound_memory(model, monkeypatch):
     from vocabseg import postprocess
 
     seen = []
-    original = postprocess.MaskScores.rows
-    monkeypatch.setattr(postprocess.MaskScores, "rows",
+    original = postprocess.MaskScores.mask_rows
+    monkeypatch.setattr(postprocess.MaskScores, "mask_rows",
                         lambda self, r0, r1: seen.append(r1 - r0) or original(self, r0, r1))
     rgb = np.random.default_rng(2).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     text = F.normalize(torch.randn(1000, model.config.clip.embed_dim), dim=-1)
     result = vocabseg.Predictor(model).predict_array(rgb, [f"c{i}" for i in range(1000)], text)
     assert result.labels.shape == (300, 400)
     assert max(seen) * 1000 * 400 * 4 <= postprocess.BAND_BYTES + 1000 * 400 * 4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruned_argmax_equals_full_argmax_for_large_vocabularies(seed):
+    """best_rows scores only the likely classes everywhere; its labels must equal the full arg-max."""
+    g = torch.Generator().manual_seed(seed)
+    q, c = 20, 400
+    logits = torch.randn(q, c + 1, generator=g) * 3
+    ms = MaskScores(logits.softmax(-1)[:, :c], torch.randn(q, 6, 8, generator=g) * 4, (48, 64), (44, 60), (88, 121))
+    ref = _reference_scores(ms)
+    labels, conf = labels_and_confidence(ms)
+    assert np.array_equal(labels, ref.argmax(0).numpy())
+    assert np.allclose(conf, ref.max(0).values.numpy(), atol=1e-5)

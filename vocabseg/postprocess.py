@@ -63,8 +63,8 @@ class MaskScores:
     def num_classes(self) -> int:
         return self.class_probs.shape[1]
 
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Scores [C, r1 - r0, W] for output rows r0..r1."""
+    def mask_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Mask probabilities sigmoid(mask) [Q, r1 - r0, W] for output rows r0..r1 (official resize order)."""
         (hp, wp), (hc, wc), (ho, wo) = self.padded, self.crop, self.out
         # rows of the cropped, padded-size map needed for these output rows
         if hc == ho:
@@ -80,7 +80,42 @@ class MaskScores:
             m = m[:, i0 - a0] * (1 - w) + m[:, i1 - a0] * w
         if wc != wo:
             m = resize_axis(m, 2, wo)
-        return torch.einsum("qc,qhw->chw", self.class_probs, m.sigmoid())
+        return m.sigmoid()
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Scores [C, r1 - r0, W] for output rows r0..r1."""
+        return torch.einsum("qc,qhw->chw", self.class_probs, self.mask_rows(r0, r1))
+
+    def best_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Arg-max class and its score for rows r0..r1, without scoring every class at every pixel.
+
+        score_c(x) = Σ_q P[q,c]·σ_q(x) ≤ U_c · max_q σ_q(x) with U_c = Σ_q P[q,c]. The classes with the largest U are
+        scored everywhere; the others only at pixels where that bound says they could still win. Exact (up to ties),
+        and a 1,000-name vocabulary costs about what a few dozen names do.
+        """
+        m = self.mask_rows(r0, r1)  # [Q, b, W]
+        probs = self.class_probs
+        n = probs.shape[1]
+        k = min(n, max(8, probs.shape[0] // 2))
+        if n <= 2 * k:
+            scores = torch.einsum("qc,qhw->chw", probs, m)
+            best, idx = scores.max(dim=0)
+            return idx, best
+        upper = probs.sum(dim=0)  # U_c
+        order = torch.argsort(upper, descending=True)
+        top, rest = order[:k], order[k:]
+        best, idx = torch.einsum("qc,qhw->chw", probs[:, top], m).max(dim=0)
+        labels = top[idx]
+        bound = upper[rest[0]] * m.amax(dim=0)  # no class outside `top` can score more than this at a pixel
+        need = best < bound
+        if bool(need.any()):
+            sub = m[:, need]  # [Q, N]
+            rest_best, rest_idx = (probs[:, rest].t() @ sub).max(dim=0)
+            wins = rest_best > best[need]
+            sel_best, sel_lab = best[need], labels[need]
+            sel_best[wins], sel_lab[wins] = rest_best[wins], rest[rest_idx[wins]]
+            best[need], labels[need] = sel_best, sel_lab
+        return labels, best
 
 
 @dataclass
@@ -119,8 +154,10 @@ def labels_and_confidence(scores: MaskScores | DenseScores) -> tuple[np.ndarray,
     step = band_height(scores.num_classes, wo, extra)
     for r0 in range(0, ho, step):
         r1 = min(ho, r0 + step)
-        band = scores.rows(r0, r1)
-        best, idx = band.max(dim=0)
+        if isinstance(scores, MaskScores):
+            idx, best = scores.best_rows(r0, r1)
+        else:
+            best, idx = scores.rows(r0, r1).max(dim=0)
         labels[r0:r1] = idx.cpu().numpy()
         conf[r0:r1] = best.float().cpu().numpy()
     return labels, conf

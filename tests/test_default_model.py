@@ -1,0 +1,52 @@
+"""The embedded default: shipped weights load, and it segments the bundled drawing with a free-text vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vocabseg
+from vocabseg.models.default import DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS
+
+EXAMPLES = Path(vocabseg.__file__).parent / "examples"
+pytestmark = pytest.mark.skipif(not DEFAULT_SAN_WEIGHTS.exists(), reason="default weights not built yet")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return vocabseg.load_model()
+
+
+def test_shipped_weights_are_small_and_load_like_any_clip():
+    total = DEFAULT_CLIP_WEIGHTS.stat().st_size + DEFAULT_SAN_WEIGHTS.stat().st_size
+    assert total < 30 * 2 ** 20
+    clip = vocabseg.clip.load(DEFAULT_CLIP_WEIGHTS)  # OpenAI state-dict layout, through the ordinary loader
+    assert clip.config.vision_patch_size == 8 and clip.config.embed_dim == 128
+
+
+def test_default_needs_no_arguments_and_is_the_default(model):
+    assert model.model_name == "default"
+    assert not model.training
+
+
+def test_segments_the_hand_drawn_example(model):
+    """A drawing not made by the generator: red circle (left) and blue square (right) on white."""
+    result = model.predict(EXAMPLES / "shapes.png", ["red circle", "blue square", "background"])
+    labels = result.labels
+    assert labels[170, 130] == 0  # centre of the circle
+    assert labels[185, 345] == 1  # centre of the square
+    assert labels[20, 20] == 2 and labels[340, 460] == 2  # corners: background
+    h, w = labels.shape
+    yy, xx = np.mgrid[:h, :w]
+    circle = (xx - 130) ** 2 + (yy - 170) ** 2 <= 70 ** 2
+    square = (xx >= 280) & (xx <= 410) & (yy >= 120) & (yy <= 250)
+    assert (labels[circle] == 0).mean() > 0.8
+    assert (labels[square] == 1).mean() > 0.8
+
+
+def test_world_example_finds_its_backgrounds(model):
+    result = model.predict(EXAMPLES / "world_scene.png", ["sky", "grass", "water", "sand", "wall", "road"])
+    present = {a["name"] for a in result.areas() if a["fraction"] > 0.1}
+    assert {"sky", "water"} <= present
