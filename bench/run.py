@@ -1,23 +1,36 @@
 """vocabseg benchmark: prints a table of timings and ratios measured in one run, and writes JSON.
 
-    python bench/run.py                 # everything
-    python bench/run.py --only san      # one section: san, vocab, scale, default
+    python bench/run.py                 # everything (about 15-25 min on 2 CPU cores)
+    python bench/run.py --quick         # fewer repeats, sizes and names (extrapolated where marked)
+    python bench/run.py --only models --only flops   # some sections (see --help for their names)
     python bench/run.py --json out.json
 
-Models run with random weights where no weights ship (timings do not depend on the values). Reference figures of
-the official code come from ../shared/FACTS.md (measured on this project's 2-core machines, torch 2.13 CPU); they
-are quoted, not re-measured here, and are marked "ref".
+Sections: san (SAN-B/16 stage breakdown), vocab (new 150-name vocabulary), scale (10 vs 1,000 names), default (the
+embedded default with its bundled weights), models (latency and peak RSS of each registered model at its standard
+size), folder (``vocabseg segment FOLDER`` images/s), compile (eager vs torch.compile vs onnxruntime), flops
+(achieved FLOP/s vs this machine's measured fp32 matmul rate), coldvocab (a new 1,000-name vocabulary, cold vs
+cached), size (latency vs image size) and vocabsize (latency vs vocabulary size).
+
+Models run with random weights where no weights ship (timings do not depend on the values). Every ratio is between
+figures measured in this run, on this machine, except those marked "ref": reference figures of the official code
+from ../shared/FACTS.md (measured on this project's 2-core machines, torch 2.13 CPU), quoted, not re-measured.
+Set the thread count with OMP_NUM_THREADS; the header line says what was used.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as futures
 import json
+import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Official SAN-B/16 on one 640x853 image, 2 CPU cores (FACTS.md "Reference timings").
 REF_SAN_CACHED_S = 2.2
 REF_SAN_NEW_150_S = 94.0
+
+# The standard input size of each model benchmarked (its paper's evaluation short side).
+STANDARD = (("default", 512), ("san_vit_b_16", 640), ("segvit_vit_b_16", 512), ("lseg_vit_b_16", 512))
+if os.environ.get("VOCABSEG_BENCH_MODELS"):  # smoke-testing this script: "san_tiny_test:64,lseg_tiny_test:64"
+    STANDARD = tuple((m.split(":")[0], int(m.split(":")[1])) for m in os.environ["VOCABSEG_BENCH_MODELS"].split(","))
+# Too slow and too big for a CPU benchmark (ViT-L/14: ~4x the FLOPs of B/16): not run.
+SKIPPED_MODELS = ("san_vit_large_14", "segvit_vit_large_14", "segvit_shrunk_vit_large_14", "lseg_vit_large_14")
 
 
 def peak_rss_reset() -> None:
@@ -50,6 +70,16 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def rss_mb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -59,6 +89,48 @@ def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def build(name: str):
+    """The model to time: the embedded default with its bundled weights when they exist, else random weights."""
+    import vocabseg
+    from vocabseg.models import get_entry
+
+    entry = get_entry(name)
+    if entry.weights is not None and Path(entry.weights).exists() and \
+            (entry.clip_weights is None or Path(entry.clip_weights).exists()):
+        return vocabseg.load_model(name)
+    torch.manual_seed(0)
+    return vocabseg.create_model(name).eval()
+
+
+def random_text(model, n: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, model.clip.embed_dim, generator=torch.Generator().manual_seed(n)), dim=-1)
+
+
+def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def class_names(n: int) -> list[str]:
+    """``n`` real class names (the benchmark lists: ADE-847, Pascal Context-459, COCO-Stuff, ...), then numbered."""
+    folder = Path(__file__).resolve().parents[1] / "vocabseg" / "data" / "classes"
+    names: dict[str, None] = {}
+    for f in sorted(folder.glob("*.txt")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                names.setdefault(line.split(",")[0].strip(), None)
+    out = [n for n in names if n][:n]
+    return out + [f"object number {i}" for i in range(n - len(out))]
+
+
+def fmt_err(e: BaseException, width: int = 70) -> str:
+    msg = " ".join(f"{type(e).__name__}: {e}".split())
+    return msg if len(msg) <= width else msg[: width - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------- original sections
 
 
 def bench_san(rows: list, quick: bool) -> None:
@@ -138,7 +210,8 @@ def bench_default(rows: list, quick: bool) -> None:
     import vocabseg
     from vocabseg.models import get_entry
 
-    if get_entry("default").weights is None:
+    entry = get_entry("default")
+    if entry.weights is None or not Path(entry.weights).exists():
         rows.append(("embedded default: no bundled weights yet", float("nan"), "", ""))
         return
     model = vocabseg.load_model()
@@ -150,7 +223,317 @@ def bench_default(rows: list, quick: bool) -> None:
     rows.append(("embedded default, 512x512, 10 names (s)", t, f"{t / 2.0:.2f}x of the 2 s target", "target < 2 s"))
 
 
-SECTIONS = {"san": bench_san, "vocab": bench_vocab, "scale": bench_scale, "default": bench_default}
+# ----------------------------------------------------------------------------------------------- models
+
+
+def _model_worker(name: str, size: int, repeat: int, threads: int) -> dict:
+    """In a fresh process: build one model, predict at its standard size; latency and this process's peak RSS."""
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    from vocabseg.predict import Predictor
+
+    base = rss_mb()
+    model = build(name)
+    rgb = random_image(size, size)
+    names = [f"class {i}" for i in range(10)]
+    text = random_text(model, len(names))
+    predictor = Predictor(model)
+    loaded = rss_mb()
+    t = timeit(lambda: predictor.predict_array(rgb, names, text), repeat=repeat)
+    return {"latency": t, "peak": peak_rss_mb(), "base": base, "loaded": loaded,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def bench_models(rows: list, quick: bool) -> None:
+    """Each model in its own process, so its peak RSS is its own (torch's import included, ~0.3-0.4 GB)."""
+    repeat = 1 if quick else 3
+    ctx = multiprocessing.get_context("spawn")
+    first = None
+    for name, size in STANDARD:
+        label = f"{name} {size}x{size}, 10 names, cached text: predict (s)"
+        try:
+            with futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                r = pool.submit(_model_worker, name, size, repeat, torch.get_num_threads()).result()
+        except Exception as e:  # noqa: BLE001 - report, do not crash the run
+            rows.append((label, float("nan"), f"failed: {fmt_err(e)}", ""))
+            continue
+        first = first or r["latency"]
+        rows.append((label, r["latency"], f"{r['latency'] / first:.2f}x {STANDARD[0][0]}" if name != STANDARD[0][0]
+                     else "", f"{r['params'] / 1e6:.1f} M parameters"))
+        rows.append(("  peak RSS of the process (MB)", r["peak"],
+                     f"+{r['peak'] - r['base']:.0f} MB over import", f"weights+model {r['loaded'] - r['base']:.0f} MB"))
+    rows.append(("ViT-L/14 models: not run (too slow for a CPU benchmark)", float("nan"), "",
+                 ", ".join(SKIPPED_MODELS)))
+
+
+# ----------------------------------------------------------------------------------------------- folder mode
+
+
+def bench_folder(rows: list, quick: bool) -> None:
+    """``vocabseg segment FOLDER`` in this process (labels PNG + overlay + JSON per image) vs the bare predict loop."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from vocabseg.cli import app
+    from vocabseg.predict import Predictor
+
+    n = 4 if quick else 12
+    names = "red circle, blue square, green star, sky, grass, water, sand, wall, road, background"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "in").mkdir()
+        from PIL import Image
+
+        for i in range(n):
+            Image.fromarray(random_image(384, 512, seed=i)).save(tmp / "in" / f"{i:03d}.jpg", quality=90)
+        model = build("default")
+        args = ["segment", str(tmp / "in"), "--vocab", names, "--out", str(tmp / "out")]
+        from vocabseg.models import get_entry
+
+        if not Path(get_entry("default").weights).exists():
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "w.safetensors"))
+            args += ["--model", "default", "--checkpoint", str(tmp / "w.safetensors")]
+        runner = CliRunner()
+        runner.invoke(app, args[:2] + ["--vocab", names, "--out", str(tmp / "warm")] + args[6:])  # warm caches
+        t0 = time.perf_counter()
+        res = runner.invoke(app, args)
+        t_cli = time.perf_counter() - t0
+        if res.exit_code != 0:
+            rows.append(("folder mode: vocabseg segment failed", float("nan"), fmt_err(RuntimeError(res.output)), ""))
+            return
+        predictor = Predictor(model)
+        from vocabseg.io import list_images, load_image
+
+        text = predictor.text_embeddings([s.strip() for s in names.split(",")])
+        t0 = time.perf_counter()
+        for path in list_images(tmp / "in"):
+            predictor.predict_array(load_image(path), [s.strip() for s in names.split(",")], text)
+        t_loop = time.perf_counter() - t0
+    rows.append((f"folder mode, default, {n} images 512x384, 1 process (images/s)", n / t_cli,
+                 f"{t_loop / t_cli:.2f}x the bare loop's rate", "model load + outputs included"))
+    rows.append(("  bare load + predict loop, same images (images/s)", n / t_loop, "", ""))
+
+
+# ----------------------------------------------------------------------------------------------- runtimes
+
+
+def _flat(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _compile_worker(name: str, size: int, repeat: int, threads: int) -> dict:
+    """In a fresh process (a failed torch.compile can leave torch unusable): time ``infer`` three ways."""
+    import functools
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    model = build(name)
+    pixels, _ = model.prepare(random_image(size, size))
+    text = random_text(model, 10)
+    res: dict = {}
+    with torch.inference_mode():
+        ref = [t.clone() for t in _flat(model.infer(pixels, text))]
+        res["eager"] = timeit(lambda: model.infer(pixels, text), repeat=repeat)
+    # torch.compile (inductor; needs a C++ compiler on CPU). ``infer`` runs under inference_mode, which dynamo
+    # cannot trace, so the undecorated function is compiled and run under no_grad.
+    try:
+        plain = getattr(type(model).infer, "__wrapped__", type(model).infer)
+        compiled = torch.compile(functools.partial(plain, model), dynamic=False)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = _flat(compiled(pixels, text))
+            res["compile_first"] = time.perf_counter() - t0
+            res["compile"] = timeit(lambda: compiled(pixels, text), repeat=repeat)
+        res["compile_diff"] = max(float((a - b).abs().max()) for a, b in zip(out, ref))
+    except Exception as e:  # noqa: BLE001 - a failure is a result, not a crash
+        res["compile_error"] = fmt_err(e, 50)
+    # onnxruntime
+    try:
+        import onnxruntime as ort
+
+        from vocabseg.export import export_image_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            path = export_image_model(model, Path(tmp) / "image.onnx")
+            res["export"] = time.perf_counter() - t0
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            inputs = [i.name for i in session.get_inputs()]
+            feed = {k: v for k, v in {"pixels": pixels.numpy(), "text_embeddings": text.numpy()}.items()
+                    if k in inputs}
+            outs = session.run(None, feed)
+            res["ort"] = timeit(lambda: session.run(None, feed), repeat=repeat)
+        res["ort_diff"] = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(outs, ref))
+    except Exception as e:  # noqa: BLE001
+        res["ort_error"] = fmt_err(e, 50)
+    return res
+
+
+def bench_compile(rows: list, quick: bool) -> None:
+    """The image model's ``infer`` (pixels + cached text -> scores): eager, torch.compile, onnxruntime."""
+    repeat = 2 if quick else 5
+    ctx = multiprocessing.get_context("spawn")
+    for name, size in STANDARD[:2]:
+        label = f"{name} {size}x{size}, 10 names: eager infer (s)"
+        try:
+            with futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                r = pool.submit(_compile_worker, name, size, repeat, torch.get_num_threads()).result()
+        except Exception as e:  # noqa: BLE001
+            rows.append((label, float("nan"), f"failed: {fmt_err(e, 50)}", ""))
+            continue
+        eager = r["eager"]
+        rows.append((label, eager, "", ""))
+        if "compile" in r:
+            rows.append(("  torch.compile infer (s)", r["compile"], f"{r['compile'] / eager:.2f}x of eager",
+                         f"first call {r['compile_first']:.0f} s; max |diff| {r['compile_diff']:.1e}"))
+        else:
+            rows.append(("  torch.compile infer (s)", float("nan"), f"failed: {r['compile_error']}", ""))
+        if "ort" in r:
+            rows.append(("  onnxruntime infer (s)", r["ort"], f"{r['ort'] / eager:.2f}x of eager",
+                         f"export {r['export']:.0f} s; max |diff| {r['ort_diff']:.1e}"))
+        else:
+            rows.append(("  onnxruntime infer (s)", float("nan"), f"failed: {r['ort_error']}", ""))
+
+
+def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """This machine's fp32 matmul rate with torch's current thread count (GFLOP/s, multiply-add = 2 FLOPs)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    t = timeit(lambda: torch.mm(a, b, out=c), repeat=repeat, warmup=2)
+    return 2 * n ** 3 / t / 1e9
+
+
+def model_flops(model, pixels: torch.Tensor, text: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.infer(pixels, text)
+    return int(counter.get_total_flops())
+
+
+def bench_flops(rows: list, quick: bool) -> None:
+    """Achieved FLOP/s of each model's ``infer`` against the attainable rate: a 2048² fp32 matmul, same threads."""
+    peak = matmul_gflops(repeat=3 if quick else 5)
+    rows.append((f"fp32 matmul 2048x2048, {torch.get_num_threads()} thread(s) (GFLOP/s)", peak, "attainable", ""))
+    repeat = 2 if quick else 3
+    for name, size in STANDARD:
+        try:
+            model = build(name)
+            pixels, _ = model.prepare(random_image(size, size))
+            text = random_text(model, 10)
+            flops = model_flops(model, pixels, text)
+            with torch.inference_mode():
+                t = timeit(lambda: model.infer(pixels, text), repeat=repeat)
+            achieved = flops / t / 1e9
+            rows.append((f"{name} {size}x{size} infer: achieved (GFLOP/s)", achieved,
+                         f"{100 * achieved / peak:.0f}% of matmul", f"{flops / 1e9:.1f} GFLOP in {t:.2f} s"))
+            del model
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"{name} {size}x{size} infer: achieved (GFLOP/s)", float("nan"),
+                         f"failed: {fmt_err(e, 50)}", ""))
+    peak2 = matmul_gflops(repeat=3)
+    rows.append(("fp32 matmul again, after the models (GFLOP/s)", peak2, f"{peak2 / peak:.2f}x of the first",
+                 "shows CPU contention"))
+
+
+# ----------------------------------------------------------------------------------------------- vocabulary
+
+
+def bench_coldvocab(rows: list, quick: bool) -> None:
+    """A new 1,000-name vocabulary: cold (text tower, all templates), then cached in memory, then read from disk."""
+    from vocabseg.clip.vocabulary import TextEmbeddingCache, encode_vocabulary, resolve_templates
+
+    n = 1000
+    names = class_names(n)
+    for name, _ in STANDARD[:2]:
+        model = build(name)
+        templates = model.config.templates
+        n_templates = len(resolve_templates(templates)[1])
+        # quick: the big text tower encodes a fifth of the names and is scaled up (the cost is linear in names)
+        n_cold = 200 if (quick and name != "default") else n
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = TextEmbeddingCache(cache_dir=tmp)
+            t0 = time.perf_counter()
+            encode_vocabulary(model.clip, names[:n_cold], templates=templates, cache=cache)
+            cold = (time.perf_counter() - t0) * n / n_cold
+            if n_cold < n:
+                encode_vocabulary(model.clip, names, templates=templates, cache=cache)
+            t_mem = timeit(lambda: encode_vocabulary(model.clip, names, templates=templates, cache=cache),
+                           repeat=3, warmup=0)
+            t_disk = timeit(lambda: encode_vocabulary(model.clip, names, templates=templates,
+                                                      cache=TextEmbeddingCache(cache_dir=tmp)), repeat=3, warmup=0)
+        note = f" (from {n_cold})" if n_cold < n else ""
+        rows.append((f"{name}: new 1,000-name vocabulary, {n_templates} templates, cold (s)", cold,
+                     "", f"{n * n_templates / cold:.0f} prompts/s{note}"))
+        rows.append(("  same names, cached in memory (s)", t_mem, f"{t_mem / cold:.5f}x of cold", ""))
+        rows.append(("  same names, from the disk cache (fresh cache object) (s)", t_disk,
+                     f"{t_disk / cold:.5f}x of cold", ""))
+        del model
+
+
+def bench_size(rows: list, quick: bool) -> None:
+    """predict (cached text, 10 names) as the input grows: resize, model at its own resolution, post-processing."""
+    from vocabseg.predict import Predictor
+
+    sizes = (256, 512, 1024) if quick else (256, 384, 512, 768, 1024)
+    repeat = 1 if quick else 3
+    for name, _ in STANDARD[:2]:
+        model = build(name)
+        predictor = Predictor(model)
+        names = [f"class {i}" for i in range(10)]
+        text = random_text(model, 10)
+        base = None
+        for s in sizes:
+            rgb = random_image(s, s, seed=s)
+            t = timeit(lambda: predictor.predict_array(rgb, names, text), repeat=repeat)
+            base = base or t
+            rows.append((f"{name} {s}x{s}, 10 names: predict (s)" if s == sizes[0] else f"  {s}x{s} (s)", t,
+                         f"{t / base:.2f}x of {sizes[0]}x{sizes[0]}" if s != sizes[0] else "",
+                         "input resized to short side {}".format(model.config.short_side) if s == sizes[0] else ""))
+        del model, predictor
+
+
+def bench_vocabsize(rows: list, quick: bool) -> None:
+    """predict at the standard size as the vocabulary grows (text cached): classifier + post-processing cost."""
+    from vocabseg.predict import Predictor
+
+    counts = (10, 100, 1000) if quick else (10, 30, 100, 300, 1000)
+    repeat = 1 if quick else 3
+    for name, size in STANDARD[:2]:
+        model = build(name)
+        predictor = Predictor(model)
+        rgb = random_image(size, size, seed=7)
+        base = None
+        for n in counts:
+            names = [f"c{i}" for i in range(n)]
+            text = random_text(model, n)
+            t = timeit(lambda: predictor.predict_array(rgb, names, text), repeat=repeat)
+            base = base or t
+            rows.append((f"{name} {size}x{size}, {n} names, cached: predict (s)" if n == counts[0]
+                         else f"  {n} names (s)", t, f"{t / base:.2f}x of {counts[0]} names" if n != counts[0] else "",
+                         ""))
+        del model, predictor
+
+
+SECTIONS = {"san": bench_san, "vocab": bench_vocab, "scale": bench_scale, "default": bench_default,
+            "models": bench_models, "folder": bench_folder, "compile": bench_compile, "flops": bench_flops,
+            "coldvocab": bench_coldvocab, "size": bench_size, "vocabsize": bench_vocabsize}
+
+
+def _json_value(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _write_json(path: Path, info: str, quick: bool, sections: list, load: list, rows: list, complete: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "info": info, "quick": quick, "sections": sections, "complete": complete, "loadavg": load,
+        "cpus": os.cpu_count(),
+        "rows": [{"what": r[0], "value": _json_value(r[1]), "ratio": r[2], "target": r[3]} for r in rows]},
+        indent=2))
 
 
 def main() -> None:
@@ -160,17 +543,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
     os.environ.setdefault("VOCABSEG_CACHE", str(Path("/tmp/vocabseg-bench-cache")))
-    rows: list = []
-    for name in args.only or list(SECTIONS):
-        SECTIONS[name](rows, args.quick)
+    warnings.filterwarnings("ignore", message=".*randomly initialised.*")
     info = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    sections = args.only or list(SECTIONS)
+    load = [os.getloadavg()[0]]
+    t_start = time.perf_counter()
+    rows: list = []
+    for name in sections:
+        t0 = time.perf_counter()
+        SECTIONS[name](rows, args.quick)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        _write_json(args.json, info, args.quick, sections, load, rows, complete=False)  # a killed run keeps these
+    load.append(os.getloadavg()[0])
     print(f"vocabseg benchmark ({info})")
     width = max(len(r[0]) for r in rows)
     for label, value, ratio, target in rows:
         print(f"{label:<{width}}  {value:10.3f}  {ratio:<28} {target}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"info": info, "rows": [
-        {"what": r[0], "value": r[1], "ratio": r[2], "target": r[3]} for r in rows]}, indent=2))
+    print(f"load average {load[0]:.2f} before, {load[1]:.2f} after; {os.cpu_count()} CPUs; "
+          f"{time.perf_counter() - t_start:.0f} s in all")
+    _write_json(args.json, info, args.quick, sections, load, rows, complete=True)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,31 @@ def _atomic_save_image(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    clip: Optional[Path] = typer.Option(None, "--clip"),
+    device: str = typer.Option("cpu"),
+    trust_jit: bool = typer.Option(False),
+    backend: str = typer.Option("torch", "--backend", help="torch, or onnx (with --onnx DIR)"),
+    onnx_dir: Optional[Path] = typer.Option(None, "--onnx"),
+    max_upload_mb: float = typer.Option(20, "--max-upload-mb"),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels"),
+    max_vocabulary: int = typer.Option(1000, "--max-vocabulary"),
+    root_path: str = typer.Option("", "--root-path", help="Prefix when served behind a proxy."),
+    forwarded_allow_ips: Optional[str] = typer.Option(None, "--forwarded-allow-ips"),
+) -> None:
+    """Serve a model over HTTP: JSON/PNG API and a web page (docs/serving.md)."""
+    from .serve import serve as run
+
+    run(host, port, model, checkpoint, clip, backend, onnx_dir=onnx_dir, device=device, trust_jit=trust_jit,
+        max_upload_bytes=int(max_upload_mb * 2 ** 20), max_pixels=max_pixels, max_vocabulary=max_vocabulary,
+        root_path=root_path, forwarded_allow_ips=forwarded_allow_ips)
+
+
 @app.command("models")
 def models_cmd(all: bool = typer.Option(False, "--all", help="Include tiny test configs.")) -> None:
     """List registered models."""

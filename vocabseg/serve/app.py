@@ -504,7 +504,10 @@ $("form").addEventListener("submit", async (event) => {
   try {
     const response = await fetch("api/segment?format=json&embed_overlay=true&legend=false", {method: "POST", body});
     const data = await response.json().catch(() => ({detail: response.status + " " + response.statusText}));
-    if (!response.ok) { show("error: " + (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)), true); return; }
+    if (!response.ok) {
+      show("error: " + (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)), true);
+      return;
+    }
     $("overlay").src = data.overlay_png;
     const legend = $("legend");
     legend.replaceChildren();
