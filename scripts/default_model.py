@@ -146,6 +146,36 @@ def evaluate(n: int, out: Path, closed_run: Path | None) -> dict:
     return report
 
 
+def results_table(report: dict) -> str:
+    """Markdown table of a report written by :func:`evaluate` (what docs/default_model.md shows)."""
+    z = report["clip_zero_shot"]
+    o = report["san_open_vocab"]
+    c = report.get("closed_set_baseline")
+    ch = report["chance"]
+    hd = report["hand_drawn"]
+    rows = [
+        "| measurement (held-out world scenes, seeds disjoint from training) | value |",
+        "|---|---|",
+        f"| CLIP zero-shot, single objects: colour (10-way) | {z['color']['accuracy']:.1f} % (chance {z['color']['chance']:.0f} %) |",
+        f"| CLIP zero-shot: background (7-way) | {z['stuff']['accuracy']:.1f} % (chance {z['stuff']['chance']:.1f} %) |",
+        f"| CLIP zero-shot: shape (10-way) | {z['shape']['accuracy']:.1f} % (chance {z['shape']['chance']:.0f} %) |",
+        f"| CLIP zero-shot: colour + shape (100-way) | {z['color+shape']['accuracy']:.1f} % (chance {z['color+shape']['chance']:.0f} %) |",
+        f"| SAN, 17-name vocabulary: **seen** mIoU (11 classes) | {o['seen_mIoU']:.1f} |",
+        f"| SAN, 17-name vocabulary: **unseen** mIoU (6 classes never labelled in SAN training) | {o['unseen_mIoU']:.1f} |",
+        f"| random labels: seen / unseen mIoU | {ch['seen_mIoU']:.1f} / {ch['unseen_mIoU']:.1f} |",
+    ]
+    if c:
+        rows.append(f"| closed-set baseline (same SAN, 11 learnt class vectors): seen / unseen mIoU | "
+                    f"{c['seen_mIoU']:.1f} / {c['unseen_mIoU']:.1f} (it cannot name unseen classes) |")
+    rows.append(f"| SAN with 107 colour+shape names (zero-shot; shapes never learnt) | "
+                f"{report['san_color_category_zero_shot']['mIoU']:.1f} mIoU |")
+    rows.append(f"| hand-drawn `examples/shapes.png`, vocabulary \"red circle, blue square, background\" | IoU "
+                + ", ".join(f"{k} {v:.1f}" for k, v in hd["IoU"].items()) + f"; pixel accuracy {hd['pixel_accuracy']:.1f} % |")
+    per_class = ", ".join(f"{k} {v:.1f}" for k, v in o["IoU"].items())
+    return "\n".join(rows) + f"\n\nPer-class IoU (open-vocabulary SAN): {per_class}.\n\nHeld-out images: " \
+        f"{report['held_out_images']} (eval seed {report['eval_seed']}); command: `python scripts/default_model.py evaluate -n {report['held_out_images']}`."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -160,7 +190,14 @@ def main() -> None:
     if args.cmd == "ship":
         ship(args.clip_run, args.san_run)
     else:
-        evaluate(args.n, args.out, args.closed_run)
+        report = evaluate(args.n, args.out, args.closed_run)
+        doc = ROOT / "docs" / "default_model.md"
+        text = doc.read_text()
+        start, end = "<!-- results -->", "<!-- /results -->"
+        if start in text:
+            head, rest = text.split(start, 1)
+            text = head + start + "\n" + results_table(report) + "\n" + end + rest.split(end, 1)[1]
+            doc.write_text(text)
 
 
 if __name__ == "__main__":
