@@ -137,13 +137,14 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
         b, n, c = x.shape  # [B, L, C]
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, d]
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)  # additive mask; boolean masks (True = attend) pass unchanged
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -159,8 +160,9 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(width * 4, width)),
         ]))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -170,9 +172,10 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, activation) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, is_causal)
         return x
 
 
@@ -433,8 +436,7 @@ class CLIP(nn.Module):
         eot = tokens.argmax(dim=-1)  # EOT has the largest id
         length = int(eot.max().item()) + 1 if tokens.numel() else 1
         x = self.token_embedding(tokens[:, :length]).to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
-        mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        x = self.transformer(x, mask)
+        x = self.transformer(x, is_causal=True)  # the fused causal kernel: no mask tensor to read
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 

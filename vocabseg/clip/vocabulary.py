@@ -467,7 +467,7 @@ def _encode_names(model: object, names: Sequence[str], templates: Sequence[str],
 
 
 def encode_vocabulary(model: object, names: str | Iterable[str], templates: str | Sequence[str] = "vild",
-                      cache: TextEmbeddingCache | bool | None = True, batch_size: int = 512,
+                      cache: TextEmbeddingCache | bool | None = True, batch_size: int = 128,
                       device: str | torch.device | None = None) -> torch.Tensor:
     """Text embeddings [C, D] (float32, L2-normalised, rows in the order of ``names``) of class names.
 
