@@ -326,3 +326,28 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
 
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
     return atomic_write_text(path, text)
+
+
+def load_flat_config(cls: type, path: str | Path, overrides: Iterable[str] = ()):
+    """A flat config dataclass ``cls`` from a YAML of its fields plus ``key=value`` overrides.
+
+    For the small trainers (contrastive CLIP, GroupViT): unknown keys are errors naming the valid ones, and float
+    fields given as YAML strings ("5e-4", which YAML does not read as a number) are converted.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        data[key.strip()] = yaml.safe_load(value)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {p}; valid: {', '.join(fields)}")
+    for key, f in fields.items():
+        if key in data and f.type in ("float", float) and isinstance(data[key], str):
+            data[key] = float(data[key])
+    return cls(**data)

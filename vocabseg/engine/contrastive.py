@@ -311,24 +311,6 @@ def zero_shot_report(model: CLIP | LiTCLIP, cfg: ContrastiveConfig, num_samples:
 
 def load_contrastive_config(path: str | Path, overrides: list[str] = ()) -> ContrastiveConfig:
     """Read a YAML of ContrastiveConfig fields, then apply ``key=value`` overrides; unknown keys are errors."""
-    import yaml
+    from .config import load_flat_config
 
-    from ..errors import ConfigError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        data[key.strip()] = yaml.safe_load(value)
-    fields = {f.name: f for f in dataclasses.fields(ContrastiveConfig)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {p}; valid: {', '.join(fields)}")
-    for key, f in fields.items():  # YAML reads 5e-4 as a string
-        if key in data and f.type in ("float", float) and isinstance(data[key], str):
-            data[key] = float(data[key])
-    return ContrastiveConfig(**data)
+    return load_flat_config(ContrastiveConfig, path, overrides)

@@ -276,25 +276,9 @@ def evaluate_world_zero_shot(model, num_samples: int = 100, seed: int = 20_000_0
 
 def load_groupvit_train_config(path: str | Path, overrides: Sequence[str] = ()) -> GroupViTTrainConfig:
     """Read a YAML of GroupViTTrainConfig fields, then ``key=value`` overrides; unknown keys are errors."""
-    import yaml
+    from .config import load_flat_config
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        data[key.strip()] = yaml.safe_load(value)
-    fields = {f.name: f for f in dataclasses.fields(GroupViTTrainConfig)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {p}; valid: {', '.join(fields)}")
-    for key, f in fields.items():  # YAML reads 5e-4 as a string
-        if key in data and f.type in ("float", float) and isinstance(data[key], str):
-            data[key] = float(data[key])
-    return GroupViTTrainConfig(**data)
+    return load_flat_config(GroupViTTrainConfig, path, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
