@@ -159,13 +159,14 @@ def test_serve_refuses_bad_options_before_starting(tmp_path):
 
 def test_label_png_format_matches_save_label_png(tmp_path):
     from vocabseg.io import read_label_png, save_label_png
-    from vocabseg.viz import make_palette
+    from vocabseg.viz import palette_for
 
     rng = np.random.default_rng(0)
     for n in (3, 256, 300):
         labels = rng.integers(0, n, (17, 23))
-        data = label_png_bytes(labels, n)
-        save_label_png(labels, tmp_path / "ref.png", make_palette(n))
+        names = ["red thing"] + [f"c{i}" for i in range(1, n)]
+        data = label_png_bytes(labels, names)
+        save_label_png(labels, tmp_path / "ref.png", palette_for(names))
         (tmp_path / "api.png").write_bytes(data)
         assert np.array_equal(read_label_png(tmp_path / "api.png"), labels)
         a, b = Image.open(tmp_path / "api.png"), Image.open(tmp_path / "ref.png")

@@ -206,3 +206,14 @@ def test_overlay_errors():
         overlay(img, np.full((10, 10), 2), ["a", "b"])
     with pytest.raises(VocabularyError):
         overlay(img, np.zeros((10, 10), np.int64), [])
+
+
+def test_palette_for_uses_colour_words_only_when_unambiguous():
+    from vocabseg.viz import NAMED_COLORS, make_palette, palette_for
+
+    pal = palette_for(["red circle", "blue square", "background"])
+    assert tuple(pal[0]) == NAMED_COLORS["red"] and tuple(pal[1]) == NAMED_COLORS["blue"]
+    assert tuple(pal[2]) == tuple(make_palette(3)[2])  # no colour word: the distinct palette
+    pal = palette_for(["red circle", "red square", "grass"])  # "red" twice: keep them distinguishable
+    assert tuple(pal[0]) != tuple(pal[1])
+    assert tuple(pal[0]) == tuple(make_palette(3)[0])

@@ -65,7 +65,7 @@ def segment(
 
     from .io import list_images, save_label_png
     from .predict import Predictor
-    from .viz import make_palette
+    from .viz import palette_for
 
     names = _read_vocabulary(vocab, vocab_file)
     files = list_images(inputs)
@@ -87,7 +87,7 @@ def segment(
     else:
         raise UserError(f"unknown backend {backend!r}; use torch or onnx")
     text = predictor.text_embeddings(names)  # once for the whole folder
-    palette = make_palette(len(names))
+    palette = palette_for(names)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Path, str]] = []
     done = 0

@@ -43,9 +43,9 @@ class Segmentation:
         return self._logits
 
     def colorize(self, palette: np.ndarray | None = None) -> np.ndarray:
-        from .viz import colorize, make_palette
+        from .viz import colorize, palette_for
 
-        return colorize(self.labels, make_palette(len(self.vocabulary)) if palette is None else palette)
+        return colorize(self.labels, palette_for(self.vocabulary) if palette is None else palette)
 
     def overlay(self, alpha: float = 0.5, legend: bool = True) -> Image.Image:
         from .viz import overlay

@@ -112,6 +112,29 @@ def make_palette(n: int, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+# Colour words a class name may contain, and the colour a reader expects for them.
+NAMED_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (40, 170, 60), "blue": (30, 80, 230), "yellow": (245, 215, 30),
+    "orange": (250, 140, 20), "purple": (130, 50, 180), "pink": (250, 140, 200), "white": (245, 245, 245),
+    "black": (25, 25, 25), "brown": (125, 75, 35), "gray": (128, 128, 128), "grey": (128, 128, 128),
+}
+
+
+def palette_for(names: Sequence[str], seed: int = 0) -> np.ndarray:
+    """Distinct colours for ``names``, except that a name with one colour word ("red circle") is drawn in that
+    colour when no other name has the same colour word — so a legend reads naturally."""
+    palette = make_palette(len(names), seed).copy()
+    words = [[w for w in name.lower().replace(",", " ").split() if w in NAMED_COLORS] for name in names]
+    counts: dict[str, int] = {}
+    for ws in words:
+        if len(ws) == 1:
+            counts[ws[0]] = counts.get(ws[0], 0) + 1
+    for i, ws in enumerate(words):
+        if len(ws) == 1 and counts[ws[0]] == 1:
+            palette[i] = NAMED_COLORS[ws[0]]
+    return palette
+
+
 def _as_label_map(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -246,7 +269,7 @@ def overlay(
     if len(names) == 0:
         raise VocabularyError("overlay needs at least one class name.")
     if palette is None:
-        palette = make_palette(len(names))
+        palette = palette_for(names)
     palette = np.asarray(palette)
     if palette.ndim != 2 or palette.shape[1] != 3 or len(palette) < len(names):
         raise ValueError(f"palette must have shape [n >= {len(names)}, 3], got {tuple(palette.shape)}")

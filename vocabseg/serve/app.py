@@ -71,16 +71,17 @@ class ApiError(Exception):
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def label_png_bytes(labels: np.ndarray, num_classes: int) -> bytes:
+def label_png_bytes(labels: np.ndarray, names: list[str]) -> bytes:
     """A label map as PNG bytes in the format of :func:`vocabseg.io.save_label_png`: a palette ('P') PNG whose pixel
     values are the class indices (coloured like the overlay) for up to 256 classes, else 16-bit grayscale."""
-    from ..viz import make_palette
+    from ..viz import palette_for
 
     labels = np.asarray(labels)
     h, w = labels.shape
+    num_classes = len(names)
     if num_classes <= 256:
         pal = np.zeros((256, 3), dtype=np.uint8)
-        pal[:num_classes] = make_palette(num_classes)
+        pal[:num_classes] = palette_for(names)
         im = Image.frombytes("P", (w, h), np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
         im.putpalette(pal.reshape(-1).tolist())
     else:
@@ -212,7 +213,7 @@ class SegmentService:
     def segment(self, data: bytes, names: list[str], fmt: str, max_pixels: int, legend: bool, alpha: float,
                 embed_overlay: bool) -> tuple[Any, dict]:
         """Decode, segment and render; returns (JSON dict or PNG bytes, timings in seconds). Runs in a worker."""
-        from ..viz import make_palette
+        from ..viz import palette_for
 
         t0 = time.perf_counter()
         rgb = decode_upload(data, max_pixels)
@@ -228,11 +229,11 @@ class SegmentService:
             self.requests_served += 1
         t4 = time.perf_counter()
         if fmt == "labels":
-            body: Any = label_png_bytes(result.labels, len(names))
+            body: Any = label_png_bytes(result.labels, names)
         elif fmt == "overlay":
             body = _png_bytes(result.overlay(alpha=alpha, legend=legend))
         else:
-            palette = make_palette(len(names))
+            palette = palette_for(names)
             areas = result.areas()
             for a in areas:
                 a["color"] = _hex(palette[a["index"]])
