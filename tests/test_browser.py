@@ -5,9 +5,6 @@ uploads an image, types a vocabulary, clicks, and sees the overlay and its legen
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,38 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from live_server import LiveServer
+
 CHROMIUM = Path(os.environ.get("VOCABSEG_CHROMIUM", "/usr/bin/chromium"))
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no system Chromium at {CHROMIUM}")
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WORDS = ["red circle", "blue square", "background"]
-
-
-class LiveServer:
-    """uvicorn in a thread on a free loopback port (bound before starting, so there is no port race)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 def test_page_uploads_and_shows_overlay_with_legend(tmp_path):
@@ -73,7 +46,7 @@ def test_page_uploads_and_shows_overlay_with_legend(tmp_path):
             problems: list[str] = []
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.goto(server.url, wait_until="load", timeout=30_000)
+            page.goto(server.url + "/", wait_until="load", timeout=30_000)
             # the page's CSP forbids eval: wait on selectors and functions, never on expression strings
             page.locator("#model", has_text="san_tiny_test").wait_for(timeout=30_000)
             page.set_input_files("#image", str(image))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import threading
 import time
 
@@ -13,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from live_server import LiveServer
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")  # python-multipart, needed for form uploads
@@ -278,32 +279,6 @@ class CountingPredictor:
         finally:
             with self._guard:
                 self.active -= 1
-
-
-class LiveServer:
-    """uvicorn in a thread on a free loopback port (the socket is bound first, so there is no port race)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 N_REQUESTS = 50

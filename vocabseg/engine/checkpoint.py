@@ -292,3 +292,17 @@ def save_final_model(model: nn.Module, folder: str | os.PathLike, meta: Mapping[
     meta_text = json.dumps({**meta, "weights": FINAL_WEIGHTS}, indent=2, default=str) + "\n"
     meta_path = atomic_write_text(folder / FINAL_META, meta_text)
     return weights, meta_path
+
+
+def truncate_log(path: Path, iteration: int) -> None:
+    """On resume, drop log lines a killed run wrote after its last checkpoint (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("iter", 0) <= iteration:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by the kill
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -303,19 +303,6 @@ def _log(path: Path, record: Mapping[str, Any]) -> None:
         f.write(json.dumps(dict(record)) + "\n")
 
 
-def _truncate_log(path: Path, iteration: int) -> None:
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("iter", 0) <= iteration:
-                kept.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 # ----------------------------------------------------------------------------------------------- training
 
 
@@ -376,7 +363,7 @@ def train_referring(config: ReferringTrainConfig | Mapping[str, Any] | str | os.
             scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
         start = int(state["iteration"])
-        _truncate_log(out / METRICS_LOG, start)
+        ckpt.truncate_log(out / METRICS_LOG, start)
         say(f"resumed from {path.name} at step {start}")
     ckpt.atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

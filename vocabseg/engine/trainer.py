@@ -315,20 +315,6 @@ def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
         f.flush()
 
 
-def _truncate_log(path: Path, iteration: int) -> None:
-    """On resume, drop log lines a killed run wrote after its last checkpoint (they will be written again)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("iter", 0) <= iteration:
-                kept.append(line)
-        except (json.JSONDecodeError, AttributeError):
-            continue  # a line cut short by the kill
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 # ---------------------------------------------------------------------------------------------------- one step
 
 
@@ -491,7 +477,7 @@ class _Trainer:
         if info.is_main:
             save_config(cfg, self.out / "config.yaml")
             if resume is not None:
-                _truncate_log(self.out / METRICS_LOG, iteration)
+                ckpt.truncate_log(self.out / METRICS_LOG, iteration)
             elif (self.out / METRICS_LOG).exists():
                 (self.out / METRICS_LOG).unlink()
         du.barrier()
