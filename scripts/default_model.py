@@ -22,12 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SEEN = ["sky", "grass", "water", "road", "background", "red shape", "green shape", "blue shape", "yellow shape",
-        "orange shape", "purple shape"]
-UNSEEN = ["sand", "wall", "pink shape", "white shape", "black shape", "brown shape"]
-# Shape names: SAN never trained on them either; reported separately (the small CLIP did not learn shapes).
-SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "heart", "hexagon", "arrow", "crescent"]
-EVAL_SEED = 7_777_777  # held-out scenes: seeds disjoint from training (train 0, val 1)
+from vocabseg.engine.world_eval import (EVAL_SEED, SEEN, UNSEEN, chance_scores, mean_iou,  # noqa: E402
+                                       segmentation_scores, seen_unseen)
+
+SEEN, UNSEEN = list(SEEN), list(UNSEEN)
 
 
 def ship(clip_run: Path, san_run: Path) -> None:
@@ -47,38 +45,6 @@ def ship(clip_run: Path, san_run: Path) -> None:
     save_file(keep, str(DEFAULT_SAN_WEIGHTS), metadata={"format": "vocabseg-san", "model": "default"})
     for p in (DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS):
         print(f"{p.relative_to(ROOT)}: {p.stat().st_size / 2**20:.1f} MB")
-
-
-def _world_eval_set(n: int, scheme, seed: int = EVAL_SEED):
-    from vocabseg.data.world import WorldConfig, WorldDataset
-
-    return WorldDataset(n, seed=seed, config=WorldConfig(min_size=160, max_size=320), scheme=scheme)
-
-
-def segmentation_scores(model, names: list[str], n: int, closed_set_names: list[str] | None = None) -> dict:
-    """Per-class IoU on ``n`` held-out scenes labelled with ``names``; a closed-set model predicts only its own
-    classes, mapped into ``names`` by name."""
-    from vocabseg.metrics import ConfusionMatrix
-    from vocabseg.predict import Predictor
-
-    ds = _world_eval_set(n, names)
-    cm = ConfusionMatrix(len(names), ignore_index=ds.ignore_index if hasattr(ds, "ignore_index") else 255)
-    predictor = Predictor(model)
-    query = closed_set_names or names
-    text = model.text_embeddings(query)
-    remap = np.array([names.index(q) for q in query])
-    for i in range(n):
-        item = ds[i]
-        seg = predictor.predict_array(item["image"], list(query), text)
-        cm.update(remap[seg.labels], item["label"])
-    m = cm.compute()
-    iou = dict(zip(names, m["IoU"]))
-    return {"mIoU": m["mIoU"], "pACC": m["pACC"], "IoU": iou}
-
-
-def _mean(values) -> float:
-    vals = [v for v in values if v == v]
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 def hand_drawn_check(model) -> dict:
@@ -112,27 +78,16 @@ def evaluate(n: int, out: Path, closed_run: Path | None) -> dict:
     report["clip_zero_shot"] = zero_shot_report(model.clip, ContrastiveConfig(), num_samples=400)
     names = SEEN + UNSEEN
     r = segmentation_scores(model, names, n)
-    report["san_open_vocab"] = {"seen_mIoU": _mean(r["IoU"][c] for c in SEEN),
-                                "unseen_mIoU": _mean(r["IoU"][c] for c in UNSEEN), "mIoU": r["mIoU"],
-                                "pACC": r["pACC"], "IoU": r["IoU"]}
+    report["san_open_vocab"] = dict(seen_unseen(r), pACC=r["pACC"])
     # chance: every pixel labelled uniformly at random among the 17 names, same scenes
-    rng = np.random.default_rng(0)
-    from vocabseg.metrics import ConfusionMatrix
-
-    ds = _world_eval_set(n, names)
-    cm = ConfusionMatrix(len(names))
-    for i in range(n):
-        gt = ds[i]["label"]
-        cm.update(rng.integers(0, len(names), gt.shape), gt)
-    ch = cm.compute()
-    report["chance"] = {"seen_mIoU": _mean(ch["IoU"][names.index(c)] for c in SEEN),
-                        "unseen_mIoU": _mean(ch["IoU"][names.index(c)] for c in UNSEEN)}
+    ch = chance_scores(names, n)
+    report["chance"] = {"seen_mIoU": mean_iou(ch["IoU"], SEEN), "unseen_mIoU": mean_iou(ch["IoU"], UNSEEN)}
     if closed_run is not None and (closed_run / "model_final.safetensors").exists():
         closed = vocabseg.load_model("default", checkpoint=closed_run / "model_final.safetensors",
                                      closed_set_classes=len(SEEN))
-        rc = segmentation_scores(closed, names, n, closed_set_names=SEEN)
-        report["closed_set_baseline"] = {"seen_mIoU": _mean(rc["IoU"][c] for c in SEEN),
-                                         "unseen_mIoU": _mean(rc["IoU"][c] for c in UNSEEN), "IoU": rc["IoU"]}
+        rc = seen_unseen(segmentation_scores(closed, names, n, query_names=SEEN,
+                                             query_to_class=[names.index(c) for c in SEEN]))
+        report["closed_set_baseline"] = {k: rc[k] for k in ("seen_mIoU", "unseen_mIoU", "IoU")}
     # colour + category names: SAN was trained on category names only; colours come from CLIP alone
     from vocabseg.data.world import COLORS, OBJECT_CATEGORIES, STUFF_CLASSES
 

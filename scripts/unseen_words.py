@@ -1,10 +1,15 @@
 """Zero-shot classification of held-out world scenes with words that never appear in any caption.
 
     python scripts/unseen_words.py --clip vocabseg/weights/default_clip.safetensors --lit runs/default_lit_clip/lit_clip.safetensors
+    python scripts/unseen_words.py --segmentation --lit-san runs/default_san_lit/model_final.safetensors -n 100
 
 For colour and background, each class is named once with the caption word ("red", "grass") and once with a word
 the world's captions never contain ("crimson", "meadow"). A CLIP whose text tower only saw the captions should do
 no better than chance with the second set; the LiT variant (frozen MiniLM text tower) should not care.
+
+``--segmentation`` asks the same of the segmenters: the shipped default SAN (caption CLIP) and the LiT SAN segment
+held-out scenes with the 17 class names of vocabseg.engine.world_eval, once as the captions say them ("red shape",
+"grass") and once renamed ("crimson shape", "meadow"); seen / unseen mIoU for both.
 """
 
 from __future__ import annotations
@@ -20,10 +25,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COLOR_WORDS = {"red": "crimson", "green": "emerald", "blue": "azure", "yellow": "golden", "orange": "tangerine",
-               "purple": "violet", "pink": "rose", "white": "ivory", "black": "ebony", "brown": "chocolate"}
-STUFF_WORDS = {"sky": "heavens", "grass": "meadow", "water": "ocean", "sand": "desert", "wall": "masonry",
-               "road": "highway", "background": "canvas"}
+from vocabseg.engine.world_eval import UNSEEN_COLOR_WORDS as COLOR_WORDS  # noqa: E402
+from vocabseg.engine.world_eval import UNSEEN_STUFF_WORDS as STUFF_WORDS  # noqa: E402
 
 
 @torch.inference_mode()
@@ -58,13 +61,41 @@ def score(model, n: int = 400, seed: int = 10_000_019) -> dict:
     return out
 
 
+def segmentation(model, n: int) -> dict:
+    """Seen/unseen mIoU of a segmenter with the caption names and with the renamed ones, same scenes."""
+    from vocabseg.engine.world_eval import SEEN, UNSEEN, renamed, segmentation_scores, seen_unseen
+
+    names = list(SEEN + UNSEEN)
+    out = {}
+    for kind, query in (("caption words", names), ("unseen words", [renamed(c) for c in names])):
+        r = seen_unseen(segmentation_scores(model, names, n, query_names=query))
+        out[kind] = {"seen_mIoU": round(r["seen_mIoU"], 1), "unseen_mIoU": round(r["unseen_mIoU"], 1),
+                     "mIoU": round(r["mIoU"], 1)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip", type=Path, default=ROOT / "vocabseg" / "weights" / "default_clip.safetensors")
     parser.add_argument("--lit", type=Path, default=None)
     parser.add_argument("-n", type=int, default=400)
+    parser.add_argument("--segmentation", action="store_true", help="score the SAN segmenters instead of CLIP")
+    parser.add_argument("--lit-san", type=Path, default=ROOT / "runs" / "default_san_lit" / "model_final.safetensors")
+    parser.add_argument("--caption-san", type=Path, default=None,
+                        help="a SAN on the caption CLIP (default: the shipped embedded default)")
     args = parser.parse_args()
     from vocabseg.clip import load
+
+    if args.segmentation:
+        import vocabseg
+
+        caption = vocabseg.load_model("default", checkpoint=args.caption_san)
+        report = {"SAN on the caption-trained CLIP": segmentation(caption, args.n)}
+        if args.lit_san.exists():
+            report["SAN on the LiT CLIP"] = segmentation(vocabseg.load_model("default_lit", checkpoint=args.lit_san),
+                                                         args.n)
+        print(json.dumps(report, indent=2))
+        return
 
     report = {"caption-trained CLIP (embedded default)": score(load(args.clip), args.n)}
     if args.lit is not None:

@@ -297,25 +297,46 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
+def read_yaml_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file as a dict. ``base: other.yaml`` (relative to the file) inherits that file's keys; keys
+    given here replace the base's (nested mappings merge key by key), so a variant states only what differs."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"Config file {p} does not exist.")
+    if p.resolve() in _chain:
+        raise ConfigError(f"Config file {p} inherits from itself (base: chain {' -> '.join(map(str, _chain))}).")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"Config file {p} is not valid YAML: {first}.") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"Config file {p} must hold a mapping of keys to values, not a {type(loaded).__name__}.")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"'base' in {p} must be a file name, not {base!r}.")
+    return _merge(read_yaml_config(p.parent / base, _chain + (p.resolve(),)), loaded)
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainConfig:
-    """Read a YAML training config (``None``: defaults only) and apply ``key=value`` overrides."""
+    """Read a YAML training config (``None``: defaults only; ``base:`` inheritance) and apply ``key=value``
+    overrides."""
     data: dict[str, Any] = {}
     where = ""
     if path is not None:
-        p = Path(path).expanduser()
-        where = f" in {p}"
-        if not p.is_file():
-            raise ConfigError(f"Config file {p} does not exist.")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"Config file {p} is not valid YAML: {first}.") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file {p} must hold a mapping of keys to values, not a {type(loaded).__name__}.")
-        data = loaded
+        where = f" in {Path(path).expanduser()}"
+        data = read_yaml_config(path)
     data = apply_overrides(data, list(overrides))
     return config_from_dict(data, where)
 
@@ -335,9 +356,7 @@ def load_flat_config(cls: type, path: str | Path, overrides: Iterable[str] = ())
     fields given as YAML strings ("5e-4", which YAML does not read as a number) are converted.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml_config(p)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")

@@ -116,15 +116,9 @@ def load_referring_config(source: ReferringTrainConfig | Mapping[str, Any] | str
     elif isinstance(source, Mapping):
         data = json.loads(json.dumps(dict(source)))
     else:
-        p = Path(source).expanduser()
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping")
+        from .config import read_yaml_config
+
+        data = read_yaml_config(source)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
@@ -256,6 +250,25 @@ def evaluate_referring(model, dataset, max_items: int | None = None, batch_size:
     return out
 
 
+def largest_object_baseline(dataset, max_items: int | None = None) -> dict[str, float]:
+    """The most-salient-object baseline on the generated referring world: whatever the sentence says, answer the
+    object with the most visible pixels in the scene. Same metrics as :func:`evaluate_referring`."""
+    from ..metrics import ReferringMeter
+
+    if not hasattr(dataset, "referring_sample"):
+        raise ConfigError("the largest-object baseline needs the generated referring world (scene instance maps)")
+    meter = ReferringMeter()
+    n = len(dataset) if max_items is None else min(len(dataset), max_items)
+    for i in range(n):
+        r = dataset.referring_sample(i)
+        ids = np.array([o.instance_id for o in r.sample.objects])
+        areas = [(r.sample.instance_map == k).sum() for k in ids]
+        meter.update(r.sample.instance_map == ids[int(np.argmax(areas))], np.asarray(r.mask, bool))
+    out = meter.compute()
+    out["num_items"] = float(n)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -380,6 +393,11 @@ def train_referring(config: ReferringTrainConfig | Mapping[str, Any] | str | os.
             _log(out / METRICS_LOG, {"iter": iteration, "split": split, **results[split]})
             r = results[split]
             say(f"step {iteration} {split}: mIoU {r['mIoU']:.2f} oIoU {r['oIoU']:.2f} Prec@0.5 {r['Prec@0.5']:.2f}")
+            if hasattr(ds, "referring_sample"):  # generated world: the answer-the-biggest-object baseline
+                b = results[f"{split} (largest-object baseline)"] = largest_object_baseline(ds, cfg.val_max_items)
+                _log(out / METRICS_LOG, {"iter": iteration, "split": f"{split} (largest-object baseline)", **b})
+                say(f"  largest-object baseline on {split}: mIoU {b['mIoU']:.2f} oIoU {b['oIoU']:.2f} "
+                    f"Prec@0.5 {b['Prec@0.5']:.2f}")
         return results
 
     loader = DataLoader(_TrainItems(train_ds, size, cfg.seed), batch_sampler=_Batches(

@@ -40,8 +40,22 @@ def default_san_config() -> SANConfig:
         short_side=192, max_side=768, size_divisibility=32, train_num_points=4096)
 
 
+def default_lit_san_config() -> SANConfig:
+    """The default SAN on a LiT CLIP: same image tower and side network, frozen MiniLM text tower (384-d)."""
+    from dataclasses import replace
+
+    cfg = default_san_config()
+    return replace(cfg, clip=replace(cfg.clip, embed_dim=384), text_tower="minilm")
+
+
 @register_model(DEFAULT_MODEL, "san", default_san_config(),
                 "embedded default: small SAN + small CLIP trained on the generated world (shapes, colours, stuff)",
                 weights=DEFAULT_SAN_WEIGHTS, clip_weights=DEFAULT_CLIP_WEIGHTS)
 def default(cfg: SANConfig) -> SAN:
+    return SAN(cfg)
+
+
+@register_model("default_lit", "san", default_lit_san_config(),
+                "the embedded default's SAN on a LiT CLIP (frozen all-MiniLM-L6-v2 text tower; needs its weights)")
+def default_lit(cfg: SANConfig) -> SAN:
     return SAN(cfg)

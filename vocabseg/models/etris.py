@@ -40,6 +40,7 @@ from torch import nn
 from ..clip.model import CLIP, CLIPConfig, OPENAI_MEAN, config_for
 from ..errors import CheckpointError, ConfigError
 from .base import OpenVocabModel
+from .default import DEFAULT_CLIP_WEIGHTS
 from .registry import register_model
 from .weights import load_strict
 
@@ -599,10 +600,27 @@ def _etris_tiny() -> ETRISConfig:
                        decoder_ffn=32, projector_dim=16, input_size=64, word_len=20)
 
 
+def _etris_world() -> ETRISConfig:
+    """ETRIS on the embedded default's small CLIP (ViT 6 blocks width 192, text 4 blocks width 128): Bridgers after
+    image blocks 2/4/6 and text blocks 2/3/4, a 2-layer 128-wide decoder, 128 px letterboxed scenes."""
+    from .default import default_clip_config
+
+    return ETRISConfig(clip=default_clip_config(), bridge_layers=(2, 4, 6), text_bridge_layers=(2, 3, 4),
+                       ladder_width=64, ladder_heads=4, ladder_ffn=128, decoder_dim=128, decoder_heads=4,
+                       decoder_layers=2, decoder_ffn=256, projector_dim=64, input_size=128, word_len=20)
+
+
 @register_model("etris_vit_b_16", "etris",
                 _etris_b16(), "ETRIS (Bridger) referring segmentation on CLIP ViT-B/16, 416 px (paper config)",
                 task="referring")
 def etris_vit_b_16(cfg: ETRISConfig) -> ETRIS:
+    return ETRIS(cfg)
+
+
+@register_model("etris_world", "etris", _etris_world(),
+                "ETRIS on the embedded default's small CLIP, for the generated world's referring expressions",
+                task="referring", clip_weights=DEFAULT_CLIP_WEIGHTS)
+def etris_world(cfg: ETRISConfig) -> ETRIS:
     return ETRIS(cfg)
 
 

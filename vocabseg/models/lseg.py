@@ -30,6 +30,7 @@ from torch import nn
 from ..clip.model import CLIP, CLIPConfig, config_for
 from ..errors import ConfigError
 from .base import OpenVocabModel
+from .default import DEFAULT_CLIP_WEIGHTS
 from .registry import register_model
 from .segvit import used_visual_parameters
 from .weights import load_strict
@@ -291,4 +292,20 @@ def lseg_vit_large_14(cfg: LSegConfig) -> LSeg:
 
 @register_model("lseg_tiny_test", "lseg", _lseg_tiny(), "tiny random LSeg for tests", test_only=True)
 def lseg_tiny_test(cfg: LSegConfig) -> LSeg:
+    return LSeg(cfg)
+
+
+def _lseg_world() -> LSegConfig:
+    """LSeg on the embedded default's small CLIP (6 blocks, width 192): pyramid from layers 2/3/5/6, 64 features;
+    about as many trainable parameters as the default SAN (1.5 M vs 1.6 M)."""
+    from .default import WORLD_TEMPLATES, default_clip_config
+
+    return LSegConfig(clip=default_clip_config(), layers=(2, 3, 5, 6), reassemble_channels=(24, 48, 96, 192),
+                      features=64, templates=WORLD_TEMPLATES, short_side=192, max_side=768, size_divisibility=32)
+
+
+@register_model("lseg_world", "lseg", _lseg_world(),
+                "LSeg (DPT decoder) on the embedded default's small CLIP, for the generated world",
+                clip_weights=DEFAULT_CLIP_WEIGHTS)
+def lseg_world(cfg: LSegConfig) -> LSeg:
     return LSeg(cfg)

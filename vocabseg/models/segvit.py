@@ -35,6 +35,7 @@ from torch import nn
 from ..clip.model import CLIP, CLIPConfig, config_for, resize_grid_embedding
 from ..errors import ConfigError
 from .base import OpenVocabModel
+from .default import DEFAULT_CLIP_WEIGHTS
 from .registry import register_model
 from .weights import load_strict
 
@@ -491,4 +492,20 @@ def segvit_shrunk_vit_large_14(cfg: SegViTConfig) -> SegViT:
 
 @register_model("segvit_tiny_test", "segvit", _segvit_tiny(), "tiny random SegViT for tests", test_only=True)
 def segvit_tiny_test(cfg: SegViTConfig) -> SegViT:
+    return SegViT(cfg)
+
+
+def _segvit_world() -> SegViTConfig:
+    """SegViT on the embedded default's small CLIP (6 blocks, width 192): stages read layers 2/4/6, decoder 96 wide
+    (backbone width // 2, as the release); about as many trainable parameters as the default SAN (1.4 M vs 1.6 M)."""
+    from .default import WORLD_TEMPLATES, default_clip_config
+
+    return SegViTConfig(clip=default_clip_config(), layers=(2, 4, 6), decoder_dim=96, decoder_heads=4,
+                        templates=WORLD_TEMPLATES, short_side=192, max_side=768, size_divisibility=32)
+
+
+@register_model("segvit_world", "segvit", _segvit_world(),
+                "SegViT (ATM, open head) on the embedded default's small CLIP, for the generated world",
+                clip_weights=DEFAULT_CLIP_WEIGHTS)
+def segvit_world(cfg: SegViTConfig) -> SegViT:
     return SegViT(cfg)
