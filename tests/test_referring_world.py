@@ -119,3 +119,20 @@ def test_write_referring_dataset(tmp_path):
     assert info["num_samples"] == 3
     lines = (tmp_path / "refs.jsonl").read_text().splitlines()
     assert len(lines) == 3 and len(list((tmp_path / "masks").glob("*.png"))) == 3
+
+
+def test_largest_object_baseline_scores_exactly_the_scenes_where_the_target_is_biggest():
+    from vocabseg.engine.referring import largest_object_baseline
+
+    ds = RW.ReferringWorldDataset(24, "val", seed=3)
+    hits = 0
+    for i in range(len(ds)):
+        r = ds.referring_sample(i)
+        areas = [(r.sample.instance_map == o.instance_id).sum() for o in r.sample.objects]
+        hits += int(np.argmax(areas)) == r.target
+    out = largest_object_baseline(ds)
+    # the answer is an object's whole visible mask: IoU 100 when it is the target, 0 otherwise (objects disjoint)
+    assert out["Prec@0.5"] == pytest.approx(100.0 * hits / len(ds))
+    assert out["Prec@0.9"] == pytest.approx(out["Prec@0.5"])
+    assert out["mIoU"] == pytest.approx(100.0 * hits / len(ds))
+    assert 0 < hits < len(ds)  # neither trivial nor impossible on this world
