@@ -283,3 +283,27 @@ def test_compute_cams_of_the_real_network_are_normalised():
     rgb = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
     cams = compute_cams(model, rgb, model.text_embeddings(["a", "b"]), scales=(1.0, 0.5), flip=True)
     assert cams.shape == (2, 30, 44) and cams.min() >= 0 and cams.max() <= 1.0
+
+
+def test_world_objects_dataset_labels_colour_classes_and_background():
+    from vocabseg.data.world import generate_sample, sample_seed
+    from vocabseg.engine.cams import IGNORE, WorldObjectsDataset
+
+    objects = ["red shape", "blue shape", "circle"]
+    ds = WorldObjectsDataset(6, seed=5, objects=objects)
+    assert ds.class_names == ["background", *objects]
+    checked = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        s = generate_sample(sample_seed(5, i), ds.config)
+        label = item["label"]
+        assert (label[s.instance_map == 0] == 0).all()  # every stuff pixel is background
+        for o in s.objects:
+            pix = label[s.instance_map == o.instance_id]
+            if not pix.size:
+                continue
+            # the most specific name wins; colour names and the category name are equally specific -> first listed
+            want = (1 if o.color == "red" else 2 if o.color == "blue" else 3 if o.category == "circle" else IGNORE)
+            assert (pix == want).all(), (o.color, o.category, set(pix.tolist()))
+            checked += 1
+    assert checked > 5

@@ -248,6 +248,10 @@ def cams(
     background: str = typer.Option("background", help='Name of the background class, or "none".'),
     scales: str = typer.Option("1,0.5,1.5,2"),
     max_images: Optional[int] = typer.Option(None),
+    world_samples: int = typer.Option(100, help="--dataset world: how many generated scenes"),
+    world_seed: int = typer.Option(0, help="--dataset world: scene seed (training used 0; held-out: any other)"),
+    world_objects: Optional[str] = typer.Option(None, help='--dataset world: object classes, e.g. "red shape, '
+                                                'blue shape" (default: the classes the checkpoint learnt)'),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Write CLIMS class activation maps and thresholded pseudo-masks for a data set, and their mIoU."""
@@ -256,7 +260,9 @@ def cams(
     cams_command(out, model=model, checkpoint=str(checkpoint) if checkpoint else None,
                  clip=str(clip) if clip else None, dataset=dataset, data_root=str(root) if root else None,
                  split=split, threshold=threshold, background=None if background == "none" else background,
-                 scales=scales, max_images=max_images, device=device, log=lambda line: console.print(line))
+                 scales=scales, max_images=max_images, world_samples=world_samples, world_seed=world_seed,
+                 world_objects=[w.strip() for w in world_objects.split(",") if w.strip()] if world_objects else None,
+                 device=device, log=lambda line: console.print(line))
 
 
 @app.command("train-groupvit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -102,24 +102,26 @@ def _item_arrays(item: dict, index: int) -> tuple[np.ndarray, np.ndarray | None,
 
 
 class WorldObjectsDataset:
-    """Generated-world scenes labelled "background" (every stuff pixel) + object categories, for CAM experiments.
+    """Generated-world scenes labelled "background" (every stuff pixel) + object classes, for CAM experiments.
 
     Item i = ``{"image", "label", "name"}`` of ``generate_sample(sample_seed(seed, i), config)``; label 0 is
-    background, 1 + j the j-th of ``config.categories``.
+    background, 1 + j the j-th of ``objects``: world class names such as "circle" or "red shape" (default: the
+    config's categories). Object pixels no name claims are ignored.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, config=None):
-        from ..data.world import CATEGORY_MAP_NAMES, STUFF_CLASSES, WorldConfig
+    def __init__(self, num_samples: int, seed: int = 0, config=None, objects: Sequence[str] | None = None):
+        from ..data.world import STUFF_CLASSES, WorldConfig, WorldVocabulary
 
         self.num_samples, self.seed = int(num_samples), int(seed)
         self.config = config if config is not None else WorldConfig()
-        self.class_names = ["background", *self.config.categories]
-        self._lut = np.full(len(CATEGORY_MAP_NAMES), IGNORE, np.int64)
-        for i, name in enumerate(CATEGORY_MAP_NAMES):
-            if name in STUFF_CLASSES:
-                self._lut[i] = 0
-            elif name in self.config.categories:
-                self._lut[i] = 1 + self.config.categories.index(name)
+        objects = list(objects) if objects is not None else list(self.config.categories)
+        self.class_names = ["background", *objects]
+        self._vocabulary = WorldVocabulary(list(STUFF_CLASSES) + objects)
+        stuff = len(STUFF_CLASSES)
+        lut = np.full(self._vocabulary.ignore_index + 1, IGNORE, np.int64)
+        lut[:stuff] = 0
+        lut[stuff:stuff + len(objects)] = np.arange(1, len(objects) + 1)
+        self._lut = lut
 
     def __len__(self) -> int:
         return self.num_samples
@@ -130,7 +132,8 @@ class WorldObjectsDataset:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         s = generate_sample(sample_seed(self.seed, index), self.config)
-        return {"image": s.image, "label": self._lut[s.category_map], "name": f"world_{index:06d}", "index": index}
+        return {"image": s.image, "label": self._lut[self._vocabulary.label_map(s)], "name": f"world_{index:06d}",
+                "index": index}
 
 
 # ----------------------------------------------------------------------------------------------- writer
@@ -242,14 +245,15 @@ def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: s
                  clip: str | None = None, dataset: str = "custom", data_root: str | None = None,
                  split: str = "train", threshold: float | None = None, background: str | None = "background",
                  scales: Iterable[float] | str = (1.0,), flip: bool = True, max_images: int | None = None,
-                 world_samples: int = 100, world_seed: int = 0, device: str = "cpu", trust_jit: bool = False,
-                 log=print, **overrides: Any) -> dict:
+                 world_samples: int = 100, world_seed: int = 0, world_objects: Sequence[str] | None = None,
+                 device: str = "cpu", trust_jit: bool = False, log=print, **overrides: Any) -> dict:
     """What ``vocabseg cams`` runs: load a CAM model, write CAMs + pseudo-masks of a data set, report mIoU.
 
     ``model``: a registered CAM model; default: the one recorded next to ``checkpoint`` by ``vocabseg train``
     (``model_final.json``: model name and model_overrides, which ``overrides`` extend), else clims_resnet50.
     ``dataset``: a name known to ``vocabseg.data.build_dataset`` (``custom`` with ``data_root``) or ``world``
-    (``world_samples`` generated scenes, background + object categories). ``scales``: floats or "1,0.5,1.5,2".
+    (``world_samples`` scenes from ``world_seed``, labelled background + ``world_objects``; default: the classes
+    the checkpoint was trained on, else the object categories). ``scales``: floats or "1,0.5,1.5,2".
     Returns the summary of :func:`write_cams`.
     """
     from ..models import load_model
@@ -264,14 +268,16 @@ def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: s
     if not scales or any(s <= 0 for s in scales):
         raise ConfigError(f"scales must be positive, got {scales}")
     meta_path = Path(checkpoint).with_suffix(".json") if checkpoint else None
+    trained_classes = None
     if meta_path is not None and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if model is None or model == meta.get("model"):
             model = meta.get("model", model)
             overrides = {**meta.get("model_overrides", {}), **overrides}
+            trained_classes = meta.get("class_names")
     model = model or "clims_resnet50"
     if dataset == "world":
-        ds = WorldObjectsDataset(world_samples, seed=world_seed)
+        ds = WorldObjectsDataset(world_samples, seed=world_seed, objects=world_objects or trained_classes)
     else:
         if not data_root:
             raise ConfigError(f"dataset {dataset!r} needs data_root")
