@@ -285,7 +285,8 @@ def test_train_referring_resumes_exactly_and_evaluates(tmp_path):
     first = train_referring({**cfg, "output_dir": str(tmp_path / "b"), "max_iters": 2})
     rest = train_referring({**cfg, "output_dir": str(tmp_path / "b")})  # resume: auto
     assert first["losses"] + rest["losses"] == full["losses"] and len(full["losses"]) == 4
-    assert set(full["metrics"]) == {"val", "heldout"}
+    assert set(full["metrics"]) == {"val", "heldout", "val (largest-object baseline)",
+                                    "heldout (largest-object baseline)"}
     m = full["metrics"]["heldout"]
     assert m["num_items"] == 3 and {"mIoU", "oIoU", "Prec@0.5", "Prec@0.9"} <= set(m)
     loaded = vocabseg.load_model("etris_tiny_test", checkpoint=full["final_weights"])
