@@ -386,6 +386,8 @@ def train_referring(config: ReferringTrainConfig | Mapping[str, Any] | str | os.
                  "config": cfg.to_dict(), "fingerprint": ckpt.frozen_fingerprint(model), "model_name": cfg.model}
         return ckpt.save_checkpoint(state, out, iteration, keep=cfg.keep_checkpoints)
 
+    baselines: dict[str, dict[str, float]] = {}
+
     def evaluate_all(iteration: int) -> dict[str, dict[str, float]]:
         results = {}
         for split, ds in val_datasets.items():
@@ -394,7 +396,9 @@ def train_referring(config: ReferringTrainConfig | Mapping[str, Any] | str | os.
             r = results[split]
             say(f"step {iteration} {split}: mIoU {r['mIoU']:.2f} oIoU {r['oIoU']:.2f} Prec@0.5 {r['Prec@0.5']:.2f}")
             if hasattr(ds, "referring_sample"):  # generated world: the answer-the-biggest-object baseline
-                b = results[f"{split} (largest-object baseline)"] = largest_object_baseline(ds, cfg.val_max_items)
+                if split not in baselines:  # does not depend on the model: computed once per run
+                    baselines[split] = largest_object_baseline(ds, cfg.val_max_items)
+                b = results[f"{split} (largest-object baseline)"] = baselines[split]
                 _log(out / METRICS_LOG, {"iter": iteration, "split": f"{split} (largest-object baseline)", **b})
                 say(f"  largest-object baseline on {split}: mIoU {b['mIoU']:.2f} oIoU {b['oIoU']:.2f} "
                     f"Prec@0.5 {b['Prec@0.5']:.2f}")

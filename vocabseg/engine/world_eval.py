@@ -52,7 +52,7 @@ def segmentation_scores(model: torch.nn.Module, names: Sequence[str], n: int,
     """Per-class IoU of ``model`` on ``n`` held-out scenes whose ground truth is labelled with ``names``.
 
     The model is asked with ``query_names`` (default: ``names``); query ``i`` counts as class
-    ``query_to_class[i]`` (default: the same index). This scores renamed vocabularies (``UNSEEN_WORDS``) and
+    ``query_to_class[i]`` (default: the same index). This scores renamed vocabularies (:func:`renamed`) and
     closed-set models that know only some of the classes.
     """
     from ..metrics import ConfusionMatrix
