@@ -223,6 +223,22 @@ def test_criterion_is_mean_bce_at_quarter_resolution():
     assert torch.allclose(crit.weighted_total(losses), losses["loss_bce"])
 
 
+def test_criterion_dice_term_hand_computed():
+    from vocabseg.losses.referring import ReferringCriterion
+
+    logits = torch.tensor([[[[0.0, 2.0], [-2.0, 0.0]]]])  # [1, 1, 2, 2]
+    mask = torch.tensor([[[True, True], [False, False]]])
+    crit = ReferringCriterion(dice_weight=0.5)
+    losses = crit({"mask_logits": logits}, mask)
+    p = logits.sigmoid().flatten()
+    t = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    expected = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    assert losses["loss_dice"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert crit.weighted_total(losses).item() == pytest.approx(losses["loss_bce"].item() + 0.5 * expected.item(),
+                                                               abs=1e-6)
+    assert "loss_dice" not in ReferringCriterion()({"mask_logits": logits}, mask)
+
+
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = create_model("etris_tiny_test").eval()

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Mapping, Union
 
 import yaml
 
@@ -124,14 +124,16 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------------- coercion
 
-_HINTS: dict[str, Any] | None = None
+_HINTS: dict[type, dict[str, Any]] = {}
 
 
-def _field_hints() -> dict[str, Any]:
-    global _HINTS
-    if _HINTS is None:
-        _HINTS = typing.get_type_hints(TrainConfig)
-    return _HINTS
+def _field_hints(cls: type | None = None) -> dict[str, Any]:
+    """Resolved type hints of a config dataclass's fields (TrainConfig by default), cached per class."""
+    cls = TrainConfig if cls is None else cls
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _HINTS[cls]
 
 
 def _union_args(hint: Any) -> tuple[Any, ...] | None:
@@ -191,6 +193,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return str(value)
         if isinstance(value, os.PathLike):
             return os.fspath(value)
+    elif origin is tuple or hint is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
     elif origin is dict or hint is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -213,7 +218,7 @@ def _describe(hint: Any) -> str:
         return "null"
     origin = typing.get_origin(hint)
     if origin is not None:
-        return {dict: "a mapping", list: "a list"}.get(origin, str(hint))
+        return {dict: "a mapping", list: "a list", tuple: "a list"}.get(origin, str(hint))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
@@ -222,8 +227,8 @@ def _is_mapping_field(hint: Any) -> bool:
     return any(typing.get_origin(o) is dict or o is dict for o in options)
 
 
-def _unknown_key(key: str, where: str = "") -> ConfigError:
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
+def _unknown_key(key: str, where: str = "", cls: type | None = None) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(TrainConfig if cls is None else cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"Unknown config key {key!r}{where}{hint}; valid keys: {', '.join(names)}.")
@@ -232,23 +237,30 @@ def _unknown_key(key: str, where: str = "") -> ConfigError:
 # ---------------------------------------------------------------------------------------------------- public API
 
 
-def config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig:
-    """A validated TrainConfig from a plain mapping; unknown keys raise ConfigError naming the valid ones."""
-    if not isinstance(data, dict):
+def dataclass_from_mapping(cls: type, data: Mapping[str, Any], where: str = ""):
+    """An instance of the config dataclass ``cls`` from a plain mapping: unknown keys raise ConfigError naming the
+    valid ones, values are converted to the fields' types (YAML reads ``1e-4`` as a string), wrong types are a
+    one-line ConfigError. Used by every trainer's config loader."""
+    if not isinstance(data, Mapping):
         raise ConfigError(f"A training config must be a mapping of keys to values{where}, got {type(data).__name__}.")
-    hints = _field_hints()
+    hints = _field_hints(cls)
     values = {}
     for key, value in data.items():
         if key not in hints:
-            raise _unknown_key(str(key), where)
+            raise _unknown_key(str(key), where, cls)
         try:
             values[key] = _coerce(key, value, hints[key])
         except ConfigError as e:
             raise ConfigError(f"{str(e).rstrip('.')}{where}.") from None
     try:
-        return TrainConfig(**values)
+        return cls(**values)
     except ConfigError as e:
         raise ConfigError(f"{str(e).rstrip('.')}{where}.") from None
+
+
+def config_from_dict(data: dict[str, Any], where: str = "") -> TrainConfig:
+    """A validated TrainConfig from a plain mapping; unknown keys raise ConfigError naming the valid ones."""
+    return dataclass_from_mapping(TrainConfig, data, where)
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -271,15 +283,16 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings to a config mapping; dotted keys reach into the dict-valued fields."""
-    hints = _field_hints()
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], cls: type | None = None) -> dict[str, Any]:
+    """Apply ``key=value`` strings to a config mapping of ``cls`` (TrainConfig by default); dotted keys reach into
+    the dict-valued fields."""
+    hints = _field_hints(cls)
     data = dict(data)
     for item in overrides:
         parts, value = _parse_override(item)
         top = parts[0]
         if top not in hints:
-            raise _unknown_key(top, f" in override {item!r}")
+            raise _unknown_key(top, f" in override {item!r}", cls)
         if len(parts) == 1:
             data[top] = value
             continue
@@ -350,23 +363,11 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
 
 
 def load_flat_config(cls: type, path: str | Path, overrides: Iterable[str] = ()):
-    """A flat config dataclass ``cls`` from a YAML of its fields plus ``key=value`` overrides.
+    """A config dataclass ``cls`` from a YAML of its fields (``base:`` inheritance) plus ``key=value`` overrides.
 
-    For the small trainers (contrastive CLIP, GroupViT): unknown keys are errors naming the valid ones, and float
-    fields given as YAML strings ("5e-4", which YAML does not read as a number) are converted.
+    For the small trainers (contrastive CLIP, GroupViT, referring): the same parsing and type conversion as the
+    main trainer's config (:func:`dataclass_from_mapping`).
     """
     p = Path(path)
-    data = read_yaml_config(p)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        data[key.strip()] = yaml.safe_load(value)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {p}; valid: {', '.join(fields)}")
-    for key, f in fields.items():
-        if key in data and f.type in ("float", float) and isinstance(data[key], str):
-            data[key] = float(data[key])
-    return cls(**data)
+    data = apply_overrides(read_yaml_config(p), list(overrides), cls)
+    return dataclass_from_mapping(cls, data, f" in {p}")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Criterion
+from .mask import dice_loss
 
 __all__ = ["ReferringCriterion", "resize_mask_targets", "referring_targets"]
 
@@ -63,8 +64,5 @@ class ReferringCriterion(Criterion):
         targets = resize_mask_targets(targets, tuple(logits.shape[-2:])).to(logits.dtype)
         losses = {"loss_bce": F.binary_cross_entropy_with_logits(logits.float(), targets.float())}
         if "loss_dice" in self.weight_dict:
-            p = logits.float().sigmoid().flatten(1)
-            t = targets.float().flatten(1)
-            dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
-            losses["loss_dice"] = dice.mean()
+            losses["loss_dice"] = dice_loss(logits.float(), targets.float())  # mean over the batch's masks
         return losses

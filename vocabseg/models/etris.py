@@ -543,11 +543,11 @@ class ETRIS(OpenVocabModel):
         return self.refer_batch([image], [sentence], threshold)[0]
 
     # -- training hooks ----------------------------------------------------------------------------------------------
-    def build_criterion(self, num_classes: int | None = None):
-        """BCE on the 1/4-resolution mask logits, mean over pixels (the paper's loss)."""
+    def build_criterion(self, num_classes: int | None = None, dice_weight: float = 0.0):
+        """BCE on the 1/4-resolution mask logits, mean over pixels (the paper's loss), plus an optional Dice term."""
         from ..losses.referring import ReferringCriterion
 
-        return ReferringCriterion()
+        return ReferringCriterion(dice_weight=dice_weight)
 
     def training_targets(self, masks: torch.Tensor) -> torch.Tensor:
         """Boolean masks [B, H, W] (at the input resolution) -> float targets [B, 1, H, W]."""

@@ -1,0 +1,53 @@
+"""Every shipped config file loads with the loader of the trainer it is written for, and all loaders share one
+parser: YAML-1.1 number strings ("1e-3") become numbers, unknown keys and wrong types are one-line ConfigErrors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vocabseg.engine.config import load_config
+from vocabseg.engine.contrastive import load_contrastive_config
+from vocabseg.engine.groupvit_train import load_groupvit_train_config
+from vocabseg.engine.referring import load_referring_config
+from vocabseg.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def _loader(path: Path):
+    name = path.stem
+    if name.startswith("etris_"):
+        return load_referring_config
+    if name.startswith("groupvit_"):
+        return load_groupvit_train_config
+    if name.startswith("default_clip") or name.endswith("_clip"):
+        return load_contrastive_config
+    return load_config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_config_loads(path: Path) -> None:
+    cfg = _loader(path)(path)
+    assert isinstance(cfg.lr, float) and cfg.lr > 0
+    assert isinstance(cfg.seed, int)
+
+
+LOADERS = [(load_referring_config, "etris_world.yaml"), (load_groupvit_train_config, "groupvit_tiny_world.yaml"),
+           (load_contrastive_config, "default_clip.yaml"), (load_config, "world_compare_san.yaml")]
+
+
+@pytest.mark.parametrize("loader,name", LOADERS, ids=[n for _, n in LOADERS])
+def test_number_strings_and_errors(loader, name: str, tmp_path: Path) -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = loader(path, ["lr=1e-3", "seed=3"])
+    assert cfg.lr == pytest.approx(1e-3) and isinstance(cfg.lr, float)
+    assert cfg.seed == 3
+    written = tmp_path / "c.yaml"
+    written.write_text(f"base: {path}\nlr: 2e-4\n")  # a string in YAML 1.1
+    assert loader(written).lr == pytest.approx(2e-4)
+    with pytest.raises(ConfigError, match="lrr"):
+        loader(path, ["lrr=1"])
+    with pytest.raises(ConfigError, match="lr"):
+        loader(path, ["lr=abc"])
