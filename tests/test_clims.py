@@ -18,7 +18,7 @@ import vocabseg
 from vocabseg.data.datasets import build_dataset
 from vocabseg.engine.cams import compute_cams, pseudo_label, write_cams
 from vocabseg.errors import ConfigError
-from vocabseg.losses.clims import (CLIMSLoss, background_word_table, btm_loss, cbs_loss, image_labels_from_maps,
+from vocabseg.losses.clims import (CLIMS_WEIGHTS, CLIMSLoss, background_word_table, btm_loss, cbs_loss, image_labels_from_maps,
                                    otm_loss, reg_loss)
 from vocabseg.models import clims as clims_module  # noqa: F401  (registers the CLIMS models)
 from vocabseg.models import create_model
@@ -105,6 +105,25 @@ def test_criterion_by_hand_with_a_linear_clip():
     maps = {"labels": torch.tensor([[[0, 0], [255, 255]]]), "ignore_index": 255}
     again = crit({"cams": cams, "pixels": pixels, "text": text}, maps)
     assert all(again[k].item() == pytest.approx(losses[k].item()) for k in losses)
+
+
+def test_optional_classification_term_by_hand():
+    # averaged logits (2, -1) for classes (present, absent): soft margin = mean(log(1 + e^-2), log(1 + e^-1))
+    crit = _criterion(weight_dict={**CLIMS_WEIGHTS, "loss_cls": 3.0})
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 0] = torch.tensor([[4.0, 0.0], [2.0, 2.0]])
+    logits[0, 1] = -1.0
+    pixels = torch.zeros(1, 3, 2, 2)
+    out = {"logits": logits, "cams": logits.sigmoid(), "pixels": pixels, "text": torch.eye(3)[:2]}
+    losses = crit(out, torch.tensor([[1.0, 0.0]]))
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))) / 2
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
+    without = _criterion()(out, torch.tensor([[1.0, 0.0]]))
+    assert "loss_cls" not in without
+    assert crit.weighted_total(losses).item() == pytest.approx(
+        _criterion().weighted_total(without).item() + 3.0 * expected, rel=1e-5)
+    # it also applies to a batch without any labelled class (all absent)
+    assert "loss_cls" in crit(out, torch.zeros(1, 2))
 
 
 def test_criterion_renormalises_for_clip_and_skips_unlabelled_batches():

@@ -8,6 +8,8 @@ X·P_k and background X·(1 − P_k). With s(a, b) the cosine similarity of CLIP
 * CBS  = −sum_{n,k,l} [s_l > τ] log (1 − s_l),  s_l = s(X·P_k, "a photo of {bg word l of class k}.")
 * REG  = mean of P over classes, pixels and images         area regulariser
 * total = α OTM + β BTM + γ CBS + δ REG (α 10, β 24, γ 1, δ 0.2 on VOC).
+* optional CLS = multi-label soft margin of the spatially averaged logits vs the image labels (``loss_cls``, only
+  when it has a weight): the CAM baseline the release starts from, for a network trained from scratch.
 
 Reductions follow the release (``clip_loss.py`` / ``train_clims.py``): means over the positive pairs for OTM/BTM,
 similarities clamped to [1e-4, 0.9999]; CBS a *sum* over pairs and words of those above τ = 0.26 (the paper has no
@@ -147,6 +149,8 @@ class CLIMSLoss(Criterion):
         b, k = cams.shape[:2]
         y = self.image_labels(targets, k).to(cams.device)
         losses = {"loss_reg": reg_loss(cams)}
+        if "loss_cls" in self.weight_dict:  # CAM-baseline classification: averaged logits vs the image labels
+            losses["loss_cls"] = F.multilabel_soft_margin_loss(outputs["logits"].float().mean((2, 3)), y)
         pairs = y.nonzero()  # [P, 2] (image, class)
         if pairs.shape[0] == 0:  # no labelled class in the batch (e.g. crops of ignored pixels only)
             zero = cams.sum() * 0.0

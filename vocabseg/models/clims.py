@@ -63,6 +63,9 @@ class CLIMSConfig:
     btm_weight: float = CLIMS_WEIGHTS["loss_btm"]
     cbs_weight: float = CLIMS_WEIGHTS["loss_cbs"]
     reg_weight: float = CLIMS_WEIGHTS["loss_reg"]
+    # A multi-label soft-margin loss on the spatially averaged logits: the classification loss of the CAM baseline
+    # the release initialises from, trained jointly here because nothing pretrained exists (0 = the paper's four).
+    cls_weight: float = 0.0
     cbs_threshold: float | None = 0.26  # release: only similarities above it are suppressed
     background_words: tuple[str, ...] = VOC_BACKGROUND_WORDS  # suppressed for every class
     class_background_words: dict = field(default_factory=dict)  # {class name: [words]}, that class only
@@ -228,6 +231,8 @@ class CLIMS(OpenVocabModel):
                 bg_text = encode_vocabulary(self.clip, words, templates=c.background_templates).detach()
         weights = {"loss_otm": c.otm_weight, "loss_btm": c.btm_weight, "loss_cbs": c.cbs_weight,
                    "loss_reg": c.reg_weight}
+        if c.cls_weight:
+            weights["loss_cls"] = c.cls_weight
         return CLIMSLoss(self.clip.encode_image, c.clip.image_resolution,
                          (self.pixel_mean.flatten()).tolist(), (self.pixel_std.flatten()).tolist(),
                          OPENAI_MEAN, OPENAI_STD, background_text=bg_text, background_mask=table,
