@@ -224,3 +224,52 @@ def test_two_training_steps_move_the_weights(tmp_path):
     torch.manual_seed(cfg.seed)
     fresh = create_model(NAME)  # the run's initial weights
     assert not torch.equal(trained.clip.token_embedding.weight, fresh.clip.token_embedding.weight)  # text trained
+
+
+class _FixedGroups:
+    """A stand-in GroupViT whose final groups are given: enough of the interface grouping_report uses."""
+
+    def __init__(self, groups: torch.Tensor, num_groups: int = 8):
+        self.groups = groups
+        self.config = type("C", (), {"num_output_groups": (32, num_groups)})()
+
+    def prepare(self, rgb):
+        return torch.zeros(1, 3, *rgb.shape[:2]), rgb.shape[:2]
+
+    def encode_image(self, pixels, with_groups=True):
+        return None, None, [("hard", "soft")], (1, 1)
+
+    def pixel_groups(self, assignments, grid, size):
+        assert assignments == [("hard", "soft")]
+        return self.groups[None]
+
+
+class _OneScene:
+    class_names = ["background", "circle"]
+    vocabulary = type("V", (), {"ignore_index": 255})()
+
+    def __init__(self):
+        label = np.zeros((4, 4), np.int64)
+        label[:, 2:] = 1
+        label[0, 0] = 255
+        self.items = [{"image": np.zeros((4, 4, 3), np.uint8), "label": label}]
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def test_grouping_report_names_each_group_by_its_majority_class():
+    from vocabseg.engine.groupvit_train import grouping_report
+
+    # groups follow the classes (the right half split in two): the oracle namer is perfect
+    groups = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 2, 2]])
+    r = grouping_report(_FixedGroups(groups), _OneScene())
+    assert r["oracle_mIoU"] == pytest.approx(100.0) and r["groups_per_image"] == 3 and r["num_groups"] == 8
+    # one group swallows the object (8 of 15 labelled pixels are the circle: the group is named circle)
+    r = grouping_report(_FixedGroups(torch.zeros(4, 4, dtype=torch.long)), _OneScene())
+    assert r["groups_per_image"] == 1
+    assert r["oracle_IoU"][0] == pytest.approx(0.0) and r["oracle_IoU"][1] == pytest.approx(100 * 8 / 15)
+    # hard=True composes the hard assignments (the first of each pair)
+    model = _FixedGroups(groups)
+    model.pixel_groups = lambda a, g, s: (groups if a == [("hard", "hard")] else groups * 0)[None]
+    assert grouping_report(model, _OneScene(), hard=True)["groups_per_image"] == 3
