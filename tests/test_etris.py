@@ -307,3 +307,24 @@ def test_train_referring_resumes_exactly_and_evaluates(tmp_path):
     assert m["num_items"] == 3 and {"mIoU", "oIoU", "Prec@0.5", "Prec@0.9"} <= set(m)
     loaded = vocabseg.load_model("etris_tiny_test", checkpoint=full["final_weights"])
     assert loaded.refer(np.zeros((20, 30, 3), np.uint8), "the red circle").mask.shape == (20, 30)
+
+
+def test_evaluate_checkpoint_matches_training_eval_and_applies_thresholds(tmp_path):
+    from vocabseg.engine.referring import build_referring_dataset, evaluate_referring_checkpoint, \
+        load_referring_config, train_referring
+
+    cfg = dict(model="etris_tiny_test", dataset="world", val_splits=["val"], batch_size=4, max_iters=2,
+               log_every=1, verbose=False, output_dir=str(tmp_path / "run"),
+               world={"num_train": 8, "num_val": 4, "seed": 0, "min_size": 64, "max_size": 80})
+    trained = train_referring(cfg)
+    scores = evaluate_referring_checkpoint(cfg, trained["final_weights"], [None, 0.0])
+    assert set(scores) == {"val @ model", "val @ 0", "val (largest-object baseline)"}
+    for key in ("mIoU", "oIoU", "Prec@0.5"):  # reloaded weights score exactly what the run scored at its end
+        assert scores["val @ model"][key] == pytest.approx(trained["metrics"]["val"][key])
+    # Threshold 0 keeps every pixel (a sigmoid is > 0): IoU of each item = target area / image area.
+    ds = build_referring_dataset(load_referring_config(cfg), "val")
+    fractions = [np.asarray(ds[i]["mask"], bool).mean() for i in range(len(ds))]
+    assert scores["val @ 0"]["mIoU"] == pytest.approx(100 * np.mean(fractions), rel=1e-5)
+    assert scores["val @ 0"]["num_items"] == 4
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        evaluate_referring_checkpoint(cfg, tmp_path / "missing.safetensors")

@@ -235,6 +235,27 @@ def train_referring_cmd(
     train_referring(config, list(overrides or []))
 
 
+@app.command("eval-referring")
+def eval_referring_cmd(
+    config: Path = typer.Argument(..., help="The YAML config the weights were trained with."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="model_final.safetensors of that run."),
+    threshold: Optional[List[float]] = typer.Option(None, "--threshold", "-t",
+                                                    help="Mask threshold(s) to score (default: the model's)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides (e.g. val_max_items=100)"),
+) -> None:
+    """Score a trained referring model on its config's validation splits (mIoU, oIoU, Prec@X), with the baseline."""
+    from rich.table import Table
+
+    from .engine.referring import evaluate_referring_checkpoint
+
+    results = evaluate_referring_checkpoint(config, checkpoint, threshold or [None], list(overrides or []))
+    table = Table("split @ threshold", "mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9", "items")
+    for name, r in results.items():
+        table.add_row(name, *(f"{r[k]:.1f}" for k in ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")),
+                      str(int(r["num_items"])))
+    console.print(table)
+
+
 @app.command()
 def cams(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (custom-dataset layout + cams/)."),

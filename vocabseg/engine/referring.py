@@ -259,6 +259,30 @@ def largest_object_baseline(dataset, max_items: int | None = None) -> dict[str, 
     return out
 
 
+def evaluate_referring_checkpoint(config: ReferringTrainConfig | Mapping[str, Any] | str | os.PathLike,
+                                  checkpoint: str | os.PathLike, thresholds: Sequence[float | None] = (None,),
+                                  overrides: Iterable[str] = (), *, val_datasets: Mapping[str, Any] | None = None,
+                                  ) -> dict[str, dict[str, float]]:
+    """Score trained weights on the config's validation splits at each mask threshold (None: the model's own), next
+    to the largest-object baseline on the generated world. Keys ``"{split} @ {threshold}"`` and
+    ``"{split} (largest-object baseline)"``; nothing is trained or written."""
+    cfg = load_referring_config(config, overrides)
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    cfg = dataclasses.replace(cfg, init_checkpoint=str(checkpoint))
+    model = _build_model(cfg, _device(cfg.device))
+    if val_datasets is None:
+        val_datasets = {s: build_referring_dataset(cfg, s) for s in cfg.val_splits}
+    results: dict[str, dict[str, float]] = {}
+    for split, ds in val_datasets.items():
+        for t in thresholds:
+            label = "model" if t is None else f"{t:g}"
+            results[f"{split} @ {label}"] = evaluate_referring(model, ds, cfg.val_max_items, threshold=t)
+        if hasattr(ds, "referring_sample"):
+            results[f"{split} (largest-object baseline)"] = largest_object_baseline(ds, cfg.val_max_items)
+    return results
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
