@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import vocabseg
 from vocabseg.data.datasets import build_dataset
 from vocabseg.engine.cams import compute_cams, pseudo_label, write_cams
-from vocabseg.errors import ConfigError
+from vocabseg.errors import ConfigError, DatasetError
 from vocabseg.losses.clims import (CLIMS_WEIGHTS, CLIMSLoss, background_word_table, btm_loss, cbs_loss, image_labels_from_maps,
                                    otm_loss, reg_loss)
 from vocabseg.models import clims as clims_module  # noqa: F401  (registers the CLIMS models)
@@ -326,3 +326,26 @@ def test_world_objects_dataset_labels_colour_classes_and_background():
             assert (pix == want).all(), (o.color, o.category, set(pix.tolist()))
             checked += 1
     assert checked > 5
+
+
+def test_reference_labels_match_the_pseudo_mask_layout(tmp_path):
+    """--true-labels writes the data set's own maps with the class list write_cams gives the same data set, so a
+    model trained on pseudo-masks can be scored on (or compared with) the true labels."""
+    from vocabseg.engine.cams import WorldObjectsDataset, write_reference_labels
+
+    ds = WorldObjectsDataset(3, seed=5, objects=["red shape", "blue shape"])
+    summary = write_reference_labels(ds, tmp_path / "ref")
+    assert summary["images"] == 3 and summary["classes"] == ["background", "red shape", "blue shape"]
+    ref = build_dataset("custom", tmp_path / "ref", "all")
+    assert ref.class_names == ds.class_names
+    for i in range(3):
+        assert np.array_equal(np.asarray(ref[i]["label"]), ds[i]["label"])
+    fake, labelled = _FakeDataset(), _FakeDataset()
+    labelled.items = labelled.items[:1]
+    write_cams(_FakeCAMModel(), fake, tmp_path / "pseudo", flip=False)
+    write_reference_labels(labelled, tmp_path / "fake_ref")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "fake_ref" / "labels" / "one.png")), fake.items[0]["label"])
+    assert (tmp_path / "pseudo" / "classes.txt").read_text() == (tmp_path / "fake_ref" / "classes.txt").read_text()
+    with pytest.raises(DatasetError, match="no label map"):
+        write_reference_labels(fake, tmp_path / "bad")  # item "two" has image-level labels only
+

@@ -273,6 +273,9 @@ def cams(
     world_seed: int = typer.Option(0, help="--dataset world: scene seed (training used 0; held-out: any other)"),
     world_objects: Optional[str] = typer.Option(None, help='--dataset world: object classes, e.g. "red shape, '
                                                 'blue shape" (default: the classes the checkpoint learnt)'),
+    true_labels: bool = typer.Option(False, "--true-labels", help="Write the data set's own label maps instead "
+                                     "(same classes as the pseudo-masks: a reference to score a model trained on "
+                                     "them)"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Write CLIMS class activation maps and thresholded pseudo-masks for a data set, and their mIoU."""
@@ -283,7 +286,7 @@ def cams(
                  split=split, threshold=threshold, background=None if background == "none" else background,
                  scales=scales, max_images=max_images, world_samples=world_samples, world_seed=world_seed,
                  world_objects=[w.strip() for w in world_objects.split(",") if w.strip()] if world_objects else None,
-                 device=device, log=lambda line: console.print(line))
+                 true_labels=true_labels, device=device, log=lambda line: console.print(line))
 
 
 @app.command("train-groupvit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

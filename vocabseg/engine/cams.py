@@ -225,6 +225,34 @@ def write_cams(model, dataset: Any, out_dir: str | Path, threshold: float | None
     return summary
 
 
+def write_reference_labels(dataset: Any, out_dir: str | Path, max_images: int | None = None, log=None) -> dict:
+    """Write ``dataset``'s images and its **own** label maps in the custom-dataset layout, with its class list —
+    for :class:`WorldObjectsDataset` the same classes, in the same order, as the pseudo-masks :func:`write_cams`
+    writes for it. It is the reference that scores (or bounds) a model trained on the pseudo-masks."""
+    names = [str(n) for n in dataset.class_names]
+    if len(names) > IGNORE:
+        raise ConfigError(f"{len(names)} classes do not fit 8-bit label maps (at most 255)")
+    out = Path(out_dir)
+    for sub in ("images", "labels"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("".join(n + "\n" for n in names))
+    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    for i in range(n):
+        image, label, stem = _item_arrays(dataset[i], i)
+        if label is None:
+            raise DatasetError(f"item {i} ({stem}) has no label map to write")
+        label = label.astype(np.int64)
+        if label.shape != image.shape[:2] or ((label >= len(names)) & (label != IGNORE)).any() or (label < 0).any():
+            raise DatasetError(f"item {i} ({stem}): label map does not fit the image or the {len(names)} classes")
+        _save_png(out / "images" / f"{stem}.png", image)
+        _save_png(out / "labels" / f"{stem}.png", label.astype(np.uint8))
+        if log is not None and (i + 1) % 50 == 0:
+            log(f"{i + 1}/{n} images")
+    summary = {"out_dir": str(out), "images": n, "classes": names, "reference": True}
+    (out / "reference.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def _present_classes(item: dict, gt: np.ndarray | None, offset: int, num_cam: int, ds_names: Sequence[str],
                      cam_names: Sequence[str]) -> list[int]:
     """CAM class indices in the image: ``item["image_labels"]`` (data-set class indices) if given, else the
@@ -246,7 +274,8 @@ def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: s
                  split: str = "train", threshold: float | None = None, background: str | None = "background",
                  scales: Iterable[float] | str = (1.0,), flip: bool = True, max_images: int | None = None,
                  world_samples: int = 100, world_seed: int = 0, world_objects: Sequence[str] | None = None,
-                 device: str = "cpu", trust_jit: bool = False, log=print, **overrides: Any) -> dict:
+                 device: str = "cpu", trust_jit: bool = False, true_labels: bool = False, log=print,
+                 **overrides: Any) -> dict:
     """What ``vocabseg cams`` runs: load a CAM model, write CAMs + pseudo-masks of a data set, report mIoU.
 
     ``model``: a registered CAM model; default: the one recorded next to ``checkpoint`` by ``vocabseg train``
@@ -254,7 +283,8 @@ def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: s
     ``dataset``: a name known to ``vocabseg.data.build_dataset`` (``custom`` with ``data_root``) or ``world``
     (``world_samples`` scenes from ``world_seed``, labelled background + ``world_objects``; default: the classes
     the checkpoint was trained on, else the object categories). ``scales``: floats or "1,0.5,1.5,2".
-    Returns the summary of :func:`write_cams`.
+    ``true_labels``: write the data set's own label maps instead (:func:`write_reference_labels`; the model is not
+    loaded, ``checkpoint`` only names the classes). Returns the summary of :func:`write_cams` (or of that).
     """
     from ..models import load_model
     from ..models import clims as _registers  # noqa: F401  (until vocabseg.models imports it)
@@ -284,6 +314,11 @@ def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: s
         from ..data.datasets import build_dataset
 
         ds = build_dataset(dataset, data_root, split)
+    if true_labels:
+        summary = write_reference_labels(ds, out_dir, max_images=max_images, log=log)
+        if log is not None:
+            log(f"wrote {summary['images']} images with their true labels ({len(summary['classes'])} classes)")
+        return summary
     net = load_model(model, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit, **overrides)
     if not hasattr(net, "cam_maps"):
         raise ConfigError(f"model {model!r} has no class activation maps; use a CLIMS model (clims_resnet50)")
