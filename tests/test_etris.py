@@ -326,5 +326,8 @@ def test_evaluate_checkpoint_matches_training_eval_and_applies_thresholds(tmp_pa
     fractions = [np.asarray(ds[i]["mask"], bool).mean() for i in range(len(ds))]
     assert scores["val @ 0"]["mIoU"] == pytest.approx(100 * np.mean(fractions), rel=1e-5)
     assert scores["val @ 0"]["num_items"] == 4
+    # Every pixel overlaps the largest object best, so at threshold 0 the model "picks" what the baseline picks.
+    assert scores["val @ 0"]["object_acc"] == pytest.approx(scores["val (largest-object baseline)"]["object_acc"])
+    assert sum(v for k, v in scores["val @ 0"].items() if k.startswith("items/")) == 4
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate_referring_checkpoint(cfg, tmp_path / "missing.safetensors")

@@ -125,12 +125,18 @@ def test_largest_object_baseline_scores_exactly_the_scenes_where_the_target_is_b
     from vocabseg.engine.referring import largest_object_baseline
 
     ds = RW.ReferringWorldDataset(24, "val", seed=3)
-    hits = 0
+    hits, by_kind = 0, {}
     for i in range(len(ds)):
         r = ds.referring_sample(i)
         areas = [(r.sample.instance_map == o.instance_id).sum() for o in r.sample.objects]
         hits += int(np.argmax(areas)) == r.target
+        by_kind.setdefault(r.expression.kind, []).append(int(np.argmax(areas)) == r.target)
     out = largest_object_baseline(ds)
+    assert out["object_acc"] == pytest.approx(100.0 * hits / len(ds))  # it picks exactly the largest object
+    for kind, kind_hits in by_kind.items():  # per-kind mIoU over that kind's items only
+        assert out[f"items/{kind}"] == len(kind_hits)
+        assert out[f"mIoU/{kind}"] == pytest.approx(100.0 * np.mean(kind_hits))
+    assert len(by_kind) >= 2
     # the answer is an object's whole visible mask: IoU 100 when it is the target, 0 otherwise (objects disjoint)
     assert out["Prec@0.5"] == pytest.approx(100.0 * hits / len(ds))
     assert out["Prec@0.9"] == pytest.approx(out["Prec@0.5"])

@@ -249,11 +249,18 @@ def eval_referring_cmd(
     from .engine.referring import evaluate_referring_checkpoint
 
     results = evaluate_referring_checkpoint(config, checkpoint, threshold or [None], list(overrides or []))
-    table = Table("split @ threshold", "mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9", "items")
+    table = Table("split @ threshold", "mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9", "object acc", "items")
     for name, r in results.items():
         table.add_row(name, *(f"{r[k]:.1f}" for k in ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")),
-                      str(int(r["num_items"])))
+                      f"{r['object_acc']:.1f}" if "object_acc" in r else "-", str(int(r["num_items"])))
     console.print(table)
+    kinds = sorted({k.split("/", 1)[1] for r in results.values() for k in r if k.startswith("mIoU/")})
+    if kinds:  # mIoU per expression kind (attribute, relation, ...), with each kind's item count
+        by_kind = Table("split @ threshold", *kinds, title="mIoU by expression kind (items)")
+        for name, r in results.items():
+            by_kind.add_row(name, *(f"{r[f'mIoU/{k}']:.1f} ({int(r[f'items/{k}'])})" if f"mIoU/{k}" in r else "-"
+                                    for k in kinds))
+        console.print(by_kind)
 
 
 @app.command()

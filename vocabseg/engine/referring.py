@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import CheckpointError, ConfigError
+from ..metrics import ReferringMeter
 from . import checkpoint as ckpt
 
 __all__ = ["ReferringTrainConfig", "load_referring_config", "train_referring", "evaluate_referring",
@@ -219,44 +220,72 @@ def evaluate_referring(model, dataset, max_items: int | None = None, batch_size:
                        threshold: float | None = None) -> dict[str, float]:
     """mIoU, oIoU and Prec@0.5..0.9 (percent, :class:`vocabseg.metrics.ReferringMeter`) of ``model.refer`` on the
     items of ``dataset`` (dicts with ``image`` [3, H, W] uint8, ``mask`` [H, W], ``sentence``), at each image's own
-    resolution. Also ``num_items``."""
-    from ..metrics import ReferringMeter
-
+    resolution. Also ``num_items``; where items carry a ``kind``, ``mIoU/{kind}`` and ``items/{kind}``; on the
+    generated world, ``object_acc`` (see :class:`_Breakdown`)."""
     was_training = model.training
     model.eval()
-    meter = ReferringMeter()
+    breakdown = _Breakdown(dataset)
     n = len(dataset) if max_items is None else min(len(dataset), max_items)
     try:
         for start in range(0, n, batch_size):
-            items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+            indices = range(start, min(n, start + batch_size))
+            items = [dataset[i] for i in indices]
             images = [np.ascontiguousarray(np.asarray(it["image"]).transpose(1, 2, 0)) for it in items]
             results = model.refer_batch(images, [it["sentence"] for it in items], threshold=threshold)
-            for it, r in zip(items, results):
-                meter.update(r.mask, np.asarray(it["mask"], bool))
+            for i, it, r in zip(indices, items, results):
+                breakdown.update(i, r.mask, np.asarray(it["mask"], bool), it.get("kind"))
     finally:
         model.train(was_training)
-    out = meter.compute()
-    out["num_items"] = float(n)
-    return out
+    return breakdown.compute()
+
+
+class _Breakdown:
+    """Referring metrics overall, per expression kind, and — on the generated world, where every object's pixels
+    are known — ``object_acc``: the percentage of items whose prediction overlaps the target more than any other
+    object (IoU with each object's visible pixels). It separates "chose the wrong object" from "chose the right
+    one with a rough outline", which mIoU mixes."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.overall = ReferringMeter()
+        self.by_kind: dict[str, ReferringMeter] = {}
+        self.picked: list[bool] = []
+
+    def update(self, index: int, pred: np.ndarray, gt: np.ndarray, kind: str | None) -> None:
+        self.overall.update(pred, gt)
+        if kind is not None:
+            self.by_kind.setdefault(str(kind), ReferringMeter()).update(pred, gt)
+        if hasattr(self.dataset, "referring_sample"):
+            r = self.dataset.referring_sample(index)
+            objects = [r.sample.instance_map == o.instance_id for o in r.sample.objects]
+            ious = [np.count_nonzero(pred & m) / max(1, np.count_nonzero(pred | m)) for m in objects]
+            self.picked.append(bool(pred.any()) and int(np.argmax(ious)) == int(r.target))
+
+    def compute(self) -> dict[str, float]:
+        out = self.overall.compute()
+        out["num_items"] = float(len(self.overall))
+        for kind in sorted(self.by_kind):
+            out[f"mIoU/{kind}"] = self.by_kind[kind].compute()["mIoU"]
+            out[f"items/{kind}"] = float(len(self.by_kind[kind]))
+        if self.picked:
+            out["object_acc"] = 100.0 * float(np.mean(self.picked))
+        return out
 
 
 def largest_object_baseline(dataset, max_items: int | None = None) -> dict[str, float]:
     """The most-salient-object baseline on the generated referring world: whatever the sentence says, answer the
     object with the most visible pixels in the scene. Same metrics as :func:`evaluate_referring`."""
-    from ..metrics import ReferringMeter
-
     if not hasattr(dataset, "referring_sample"):
         raise ConfigError("the largest-object baseline needs the generated referring world (scene instance maps)")
-    meter = ReferringMeter()
+    breakdown = _Breakdown(dataset)
     n = len(dataset) if max_items is None else min(len(dataset), max_items)
     for i in range(n):
         r = dataset.referring_sample(i)
         ids = np.array([o.instance_id for o in r.sample.objects])
         areas = [(r.sample.instance_map == k).sum() for k in ids]
-        meter.update(r.sample.instance_map == ids[int(np.argmax(areas))], np.asarray(r.mask, bool))
-    out = meter.compute()
-    out["num_items"] = float(n)
-    return out
+        breakdown.update(i, r.sample.instance_map == ids[int(np.argmax(areas))], np.asarray(r.mask, bool),
+                         r.expression.kind)
+    return breakdown.compute()
 
 
 def evaluate_referring_checkpoint(config: ReferringTrainConfig | Mapping[str, Any] | str | os.PathLike,
