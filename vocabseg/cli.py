@@ -253,6 +253,7 @@ def eval_referring_cmd(
     for name, r in results.items():
         table.add_row(name, *(f"{r[k]:.1f}" for k in ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")),
                       f"{r['object_acc']:.1f}" if "object_acc" in r else "-", str(int(r["num_items"])))
+    table.columns[0].no_wrap = True
     console.print(table)
     kinds = sorted({k.split("/", 1)[1] for r in results.values() for k in r if k.startswith("mIoU/")})
     if kinds:  # mIoU per expression kind (attribute, relation, ...), with each kind's item count
@@ -260,6 +261,7 @@ def eval_referring_cmd(
         for name, r in results.items():
             by_kind.add_row(name, *(f"{r[f'mIoU/{k}']:.1f} ({int(r[f'items/{k}'])})" if f"mIoU/{k}" in r else "-"
                                     for k in kinds))
+        by_kind.columns[0].no_wrap = True
         console.print(by_kind)
 
 

@@ -40,7 +40,7 @@ from torch import nn
 from ..clip.model import CLIP, CLIPConfig, OPENAI_MEAN, config_for
 from ..errors import CheckpointError, ConfigError
 from .base import OpenVocabModel
-from .default import DEFAULT_CLIP_WEIGHTS
+from .default import DEFAULT_CLIP_WEIGHTS, WEIGHTS_DIR
 from .registry import register_model
 from .weights import load_strict
 
@@ -617,9 +617,14 @@ def etris_vit_b_16(cfg: ETRISConfig) -> ETRIS:
     return ETRIS(cfg)
 
 
+# Trained by configs/etris_world_stage1.yaml -> etris_world.yaml -> etris_world_stage3.yaml (docs/referring.md),
+# bundled without the frozen CLIP by vocabseg.engine.referring.bundle_referring_weights.
+ETRIS_WORLD_WEIGHTS = WEIGHTS_DIR / "etris_world.safetensors"
+
+
 @register_model("etris_world", "etris", _etris_world(),
-                "ETRIS on the embedded default's small CLIP, for the generated world's referring expressions",
-                task="referring", clip_weights=DEFAULT_CLIP_WEIGHTS)
+                "ETRIS on the embedded default's small CLIP, trained on the generated world's referring expressions",
+                weights=ETRIS_WORLD_WEIGHTS, task="referring", clip_weights=DEFAULT_CLIP_WEIGHTS)
 def etris_world(cfg: ETRISConfig) -> ETRIS:
     return ETRIS(cfg)
 
