@@ -349,3 +349,30 @@ def test_reference_labels_match_the_pseudo_mask_layout(tmp_path):
     with pytest.raises(DatasetError, match="no label map"):
         write_reference_labels(fake, tmp_path / "bad")  # item "two" has image-level labels only
 
+
+
+def test_threshold_sweep_relabels_saved_cams_against_a_reference(tmp_path):
+    import json as _json
+
+    from PIL import Image as _Image
+
+    from vocabseg.engine.cams import sweep_cam_thresholds
+
+    cams, ref = tmp_path / "cams_out", tmp_path / "ref"
+    for folder in (cams / "cams", ref / "labels"):
+        folder.mkdir(parents=True)
+    for folder in (cams, ref):
+        (folder / "classes.txt").write_text("background\ncat\ndog\n")
+    (cams / "cams.jsonl").write_text(_json.dumps({"image": "a", "classes": ["cat"]}) + "\n")
+    np.save(cams / "cams" / "a.npy", np.array([[[0.1, 0.5], [0.9, 0.3]]], np.float16))
+    _Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8)).save(ref / "labels" / "a.png")
+    out = sweep_cam_thresholds(cams, ref, [0.2, 0.4, 0.95])
+    # 0.4: the map is above it exactly on the two cat pixels -> perfect
+    assert out[0.4]["mIoU"] == pytest.approx(100.0)
+    # 0.2: one background pixel becomes cat -> background IoU 1/2, cat IoU 2/3
+    assert out[0.2]["mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    # 0.95: everything background -> background 2/4, cat 0
+    assert out[0.95]["mIoU"] == pytest.approx(100 * (1 / 2 + 0) / 2)
+    (ref / "classes.txt").write_text("background\ndog\ncat\n")
+    with pytest.raises(DatasetError, match="different classes"):
+        sweep_cam_thresholds(cams, ref, [0.2])

@@ -298,6 +298,30 @@ def cams(
                  true_labels=true_labels, device=device, log=lambda line: console.print(line))
 
 
+@app.command("cams-sweep")
+def cams_sweep_cmd(
+    cams_dir: Path = typer.Argument(..., help="A `vocabseg cams` output folder (with its saved cams/)."),
+    reference: Path = typer.Option(..., "--reference", "-r", help="Folder with the true label maps in the same "
+                                   "class layout (e.g. `vocabseg cams --true-labels`)."),
+    threshold: Optional[List[float]] = typer.Option(None, "--threshold", "-t", help="Thresholds to score "
+                                                    "(default 0.05 ... 0.9)."),
+    max_images: Optional[int] = typer.Option(None, help="Score only the first N images of cams.jsonl."),
+) -> None:
+    """Score saved CAMs at several background thresholds against true label maps, without rerunning the model."""
+    from rich.table import Table
+
+    from .engine.cams import sweep_cam_thresholds
+
+    results = sweep_cam_thresholds(cams_dir, reference, threshold, max_images) if threshold else \
+        sweep_cam_thresholds(cams_dir, reference, max_images=max_images)
+    best = max(results, key=lambda t: results[t]["mIoU"])
+    table = Table("threshold", "mIoU", "pACC", "IoU of class 0")
+    for t, r in results.items():
+        table.add_row(f"{t:g}" + (" (best)" if t == best else ""), f"{r['mIoU']:.1f}", f"{r['pACC']:.1f}",
+                      f"{r['IoU'][0]:.1f}")
+    console.print(table)
+
+
 @app.command("train-groupvit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_groupvit_cmd(ctx: typer.Context, config: Path = typer.Argument(...)) -> None:
     """Train GroupViT on image-caption pairs of the generated world (key=value overrides follow the config)."""

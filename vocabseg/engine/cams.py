@@ -266,6 +266,45 @@ def _present_classes(item: dict, gt: np.ndarray | None, offset: int, num_cam: in
     return list(range(num_cam))
 
 
+def sweep_cam_thresholds(cams_dir: str | Path, reference_dir: str | Path,
+                         thresholds: Sequence[float] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                         max_images: int | None = None) -> dict[float, dict[str, Any]]:
+    """Score the saved CAMs of a :func:`write_cams` folder at several background thresholds against the label
+    maps of ``reference_dir`` (same classes and stems, e.g. written by :func:`write_reference_labels`), without
+    running the model again: ``{threshold: {"mIoU", "pACC", "IoU"}}``. Choose the threshold on training scenes
+    (the usual CAM protocol), then write pseudo-masks with it."""
+    from ..metrics import ConfusionMatrix
+
+    cams_dir, reference_dir = Path(cams_dir), Path(reference_dir)
+    for path in (cams_dir / "cams.jsonl", cams_dir / "classes.txt", reference_dir / "classes.txt"):
+        if not path.is_file():
+            raise DatasetError(f"{path} is missing: expected a `vocabseg cams` folder (with its saved CAMs) and a "
+                               f"reference folder in the same class layout")
+    names = cams_dir.joinpath("classes.txt").read_text().split("\n")[:-1]
+    if reference_dir.joinpath("classes.txt").read_text().split("\n")[:-1] != names:
+        raise DatasetError(f"{cams_dir} and {reference_dir} list different classes (classes.txt)")
+    background = 0 if names and names[0] == "background" else IGNORE
+    records = [json.loads(line) for line in cams_dir.joinpath("cams.jsonl").read_text().splitlines() if line]
+    if max_images is not None:
+        records = records[:max_images]
+    meters = {float(t): ConfusionMatrix(len(names), ignore_index=IGNORE) for t in thresholds}
+    for r in records:
+        stem = r["image"]
+        cam_path, ref_path = cams_dir / "cams" / f"{stem}.npy", reference_dir / "labels" / f"{stem}.png"
+        if not cam_path.is_file() or not ref_path.is_file():
+            raise DatasetError(f"{stem}: {cam_path if not cam_path.is_file() else ref_path} is missing")
+        cams = np.load(cam_path).astype(np.float32)
+        keys = [names.index(c) for c in r["classes"]]
+        gt = np.asarray(Image.open(ref_path), np.int64)
+        if gt.shape != cams.shape[-2:]:
+            raise DatasetError(f"{stem}: reference {gt.shape} and CAMs {cams.shape[-2:]} differ in size")
+        for t, meter in meters.items():
+            meter.update(pseudo_label(cams, keys, t, background), gt)
+    if not records:
+        raise DatasetError(f"{cams_dir}: no images in cams.jsonl")
+    return {t: {k: m.compute()[k] for k in ("mIoU", "pACC", "IoU")} for t, m in meters.items()}
+
+
 # ----------------------------------------------------------------------------------------------- CLI entry
 
 
