@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import vocabseg
+from vocabseg.errors import CheckpointError
 from vocabseg.models import etris as E
 from vocabseg.models import create_model
 
@@ -329,7 +330,7 @@ def test_evaluate_checkpoint_matches_training_eval_and_applies_thresholds(tmp_pa
     # Every pixel overlaps the largest object best, so at threshold 0 the model "picks" what the baseline picks.
     assert scores["val @ 0"]["object_acc"] == pytest.approx(scores["val (largest-object baseline)"]["object_acc"])
     assert sum(v for k, v in scores["val @ 0"].items() if k.startswith("items/")) == 4
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         evaluate_referring_checkpoint(cfg, tmp_path / "missing.safetensors")
 
 

@@ -297,7 +297,7 @@ def evaluate_referring_checkpoint(config: ReferringTrainConfig | Mapping[str, An
     ``"{split} (largest-object baseline)"``; nothing is trained or written."""
     cfg = load_referring_config(config, overrides)
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
     cfg = dataclasses.replace(cfg, init_checkpoint=str(checkpoint))
     model = _build_model(cfg, _device(cfg.device))
     if val_datasets is None:
