@@ -332,6 +332,11 @@ def test_evaluate_checkpoint_matches_training_eval_and_applies_thresholds(tmp_pa
     assert sum(v for k, v in scores["val @ 0"].items() if k.startswith("items/")) == 4
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         evaluate_referring_checkpoint(cfg, tmp_path / "missing.safetensors")
+    # `refer` without --model takes the model named in model_final.json beside the weights (etris_tiny_test here;
+    # the etris_vit_b_16 fallback could not load them)
+    out = E.refer_command(_write_png(tmp_path), "the white square", tmp_path / "refer",
+                          checkpoint=trained["final_weights"])
+    assert np.asarray(Image.open(out["mask"])).shape == (40, 50)
 
 
 def test_bundled_world_model_loads_and_chooses_better_than_the_largest_object_baseline():
@@ -350,3 +355,17 @@ def test_bundled_world_model_loads_and_chooses_better_than_the_largest_object_ba
     ours, baseline = evaluate_referring(model, ds), largest_object_baseline(ds)
     assert ours["object_acc"] > baseline["object_acc"] + 10  # measured 45.8 vs 25.0 on these 24 scenes
     assert ours["mIoU"] > baseline["mIoU"]
+
+
+def test_refer_command_without_model_or_checkpoint_uses_the_bundled_world_model(tmp_path):
+    from vocabseg.data.referring_world import ReferringWorldDataset
+
+    item = ReferringWorldDataset(1, "val", seed=0)[0]
+    path = tmp_path / "scene.png"
+    Image.fromarray(np.ascontiguousarray(item["image"].transpose(1, 2, 0))).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a random model would warn
+        out = E.refer_command(path, item["sentence"], tmp_path / "out")
+    assert out["model"] == "etris_world"
+    mask = np.asarray(Image.open(out["mask"])) > 0
+    assert mask.shape == item["mask"].shape and mask.any()

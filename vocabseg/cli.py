@@ -209,7 +209,9 @@ def refer(
     image: Path = typer.Argument(..., help="An image file."),
     sentence: str = typer.Argument(..., help='What to find, e.g. "the man in the red shirt".'),
     out: Path = typer.Option(Path("vocabseg_out"), "--out", "-o"),
-    model: str = typer.Option("etris_vit_b_16", "--model", "-m", help="A referring model (ETRIS)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A referring model (default: the one the "
+                                        "checkpoint's model_final.json names, else etris_vit_b_16 with a "
+                                        "checkpoint, else the bundled etris_world)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
     clip: Optional[Path] = typer.Option(None, "--clip"),
     threshold: Optional[float] = typer.Option(None, help="Mask threshold (default: the model's, 0.35)."),

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConfigError, DatasetError
+from .checkpoint import read_final_meta
 
 __all__ = ["compute_cams", "pseudo_label", "write_cams", "WorldObjectsDataset", "cams_command"]
 
@@ -336,10 +337,9 @@ def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: s
     scales = tuple(scales)
     if not scales or any(s <= 0 for s in scales):
         raise ConfigError(f"scales must be positive, got {scales}")
-    meta_path = Path(checkpoint).with_suffix(".json") if checkpoint else None
     trained_classes = None
-    if meta_path is not None and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    meta = read_final_meta(checkpoint)
+    if meta:
         if model is None or model == meta.get("model"):
             model = meta.get("model", model)
             overrides = {**meta.get("model_overrides", {}), **overrides}

@@ -281,6 +281,19 @@ def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict[str, A
 # ---------------------------------------------------------------------------------------------------- final model
 
 
+def read_final_meta(weights: str | os.PathLike | None) -> dict[str, Any]:
+    """The ``model_final.json`` written beside a run's weights (model name, overrides, class names), or ``{}`` when
+    there is none — so commands can pick the right model for a checkpoint without being told."""
+    if weights is None:
+        return {}
+    path = Path(weights).with_suffix(".json")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def save_final_model(model: nn.Module, folder: str | os.PathLike, meta: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write ``model_final.safetensors`` (the full state dict) and ``model_final.json`` atomically."""
     from safetensors.torch import save

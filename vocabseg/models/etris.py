@@ -639,18 +639,23 @@ def etris_tiny_test(cfg: ETRISConfig) -> ETRIS:
 
 
 def refer_command(image: str | os.PathLike, sentence: str, out_dir: str | os.PathLike,
-                  model_name: str = "etris_vit_b_16", checkpoint: str | os.PathLike | None = None,
+                  model_name: str | None = None, checkpoint: str | os.PathLike | None = None,
                   clip: str | os.PathLike | None = None, device: str = "cpu", threshold: float | None = None,
                   trust_jit: bool = False) -> dict[str, Any]:
     """``vocabseg refer IMAGE "sentence" --out DIR``: writes ``STEM_mask.png`` (0/255) and ``STEM_overlay.png``.
 
-    Returns the written paths and the mask's share of the image.
+    ``model_name`` None: the model named in the ``model_final.json`` beside ``checkpoint``, else
+    ``etris_vit_b_16`` for a checkpoint, else the bundled ``etris_world``. Returns the written paths and the mask's
+    share of the image.
     """
     from PIL import Image
 
+    from ..engine.checkpoint import read_final_meta
     from ..io import load_image
     from . import load_model
 
+    if model_name is None:
+        model_name = read_final_meta(checkpoint).get("model") or ("etris_vit_b_16" if checkpoint else "etris_world")
     rgb = load_image(image)
     model = load_model(model_name, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit)
     if not isinstance(model, ETRIS):
