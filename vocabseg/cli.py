@@ -312,10 +312,9 @@ def cams_sweep_cmd(
     """Score saved CAMs at several background thresholds against true label maps, without rerunning the model."""
     from rich.table import Table
 
-    from .engine.cams import sweep_cam_thresholds
+    from .engine.cams import SWEEP_THRESHOLDS, sweep_cam_thresholds
 
-    results = sweep_cam_thresholds(cams_dir, reference, threshold, max_images) if threshold else \
-        sweep_cam_thresholds(cams_dir, reference, max_images=max_images)
+    results = sweep_cam_thresholds(cams_dir, reference, threshold or SWEEP_THRESHOLDS, max_images)
     best = max(results, key=lambda t: results[t]["mIoU"])
     table = Table("threshold", "mIoU", "pACC", "IoU of class 0")
     for t, r in results.items():

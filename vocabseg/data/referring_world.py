@@ -451,7 +451,9 @@ class ReferringWorldDataset:
     """Map-style referring dataset over generated scenes: item i = :func:`generate_referring_sample`.
 
     Items: ``{"image": uint8 [3, H, W], "mask": bool [H, W], "sentence", "sentences": [sentence], "ref_id": i,
-    "kind", "expression" (dict), "combinations" (list of [attribute, relation])}``.
+    "kind", "expression" (dict), "combinations" (list of [attribute, relation]), "instance_map" [H, W],
+    "object_ids" (the visible objects' ids in it), "target_id"}`` — the scene's objects let evaluation tell which
+    object a prediction chose.
     """
 
     def __init__(self, num_samples: int, split: str = "train", seed: int = 0,
@@ -476,7 +478,9 @@ class ReferringWorldDataset:
         return {"image": np.ascontiguousarray(r.sample.image.transpose(2, 0, 1)), "mask": r.mask,
                 "sentence": r.sentence, "sentences": [r.sentence], "ref_id": int(index) % self.num_samples,
                 "kind": r.expression.kind, "expression": r.expression.to_dict(),
-                "combinations": sorted(list(c) for c in combinations(r.expression))}
+                "combinations": sorted(list(c) for c in combinations(r.expression)),
+                "instance_map": r.sample.instance_map, "object_ids": [o.instance_id for o in r.sample.objects],
+                "target_id": r.sample.objects[r.target].instance_id}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):

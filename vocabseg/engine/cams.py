@@ -267,9 +267,11 @@ def _present_classes(item: dict, gt: np.ndarray | None, offset: int, num_cam: in
     return list(range(num_cam))
 
 
+SWEEP_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
 def sweep_cam_thresholds(cams_dir: str | Path, reference_dir: str | Path,
-                         thresholds: Sequence[float] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-                         max_images: int | None = None) -> dict[float, dict[str, Any]]:
+                         thresholds: Sequence[float] = SWEEP_THRESHOLDS, max_images: int | None = None) -> dict[float, dict[str, Any]]:
     """Score the saved CAMs of a :func:`write_cams` folder at several background thresholds against the label
     maps of ``reference_dir`` (same classes and stems, e.g. written by :func:`write_reference_labels`), without
     running the model again: ``{threshold: {"mIoU", "pACC", "IoU"}}``. Choose the threshold on training scenes
@@ -288,6 +290,8 @@ def sweep_cam_thresholds(cams_dir: str | Path, reference_dir: str | Path,
     records = [json.loads(line) for line in cams_dir.joinpath("cams.jsonl").read_text().splitlines() if line]
     if max_images is not None:
         records = records[:max_images]
+    if not records:
+        raise DatasetError(f"{cams_dir}: no images in cams.jsonl")
     meters = {float(t): ConfusionMatrix(len(names), ignore_index=IGNORE) for t in thresholds}
     for r in records:
         stem = r["image"]
@@ -301,9 +305,8 @@ def sweep_cam_thresholds(cams_dir: str | Path, reference_dir: str | Path,
             raise DatasetError(f"{stem}: reference {gt.shape} and CAMs {cams.shape[-2:]} differ in size")
         for t, meter in meters.items():
             meter.update(pseudo_label(cams, keys, t, background), gt)
-    if not records:
-        raise DatasetError(f"{cams_dir}: no images in cams.jsonl")
-    return {t: {k: m.compute()[k] for k in ("mIoU", "pACC", "IoU")} for t, m in meters.items()}
+    scores = {t: m.compute() for t, m in meters.items()}
+    return {t: {k: r[k] for k in ("mIoU", "pACC", "IoU")} for t, r in scores.items()}
 
 
 # ----------------------------------------------------------------------------------------------- CLI entry

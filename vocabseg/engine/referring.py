@@ -224,42 +224,42 @@ def evaluate_referring(model, dataset, max_items: int | None = None, batch_size:
     generated world, ``object_acc`` (see :class:`_Breakdown`)."""
     was_training = model.training
     model.eval()
-    breakdown = _Breakdown(dataset)
+    breakdown = _Breakdown()
     n = len(dataset) if max_items is None else min(len(dataset), max_items)
     try:
         for start in range(0, n, batch_size):
-            indices = range(start, min(n, start + batch_size))
-            items = [dataset[i] for i in indices]
+            items = [dataset[i] for i in range(start, min(n, start + batch_size))]
             images = [np.ascontiguousarray(np.asarray(it["image"]).transpose(1, 2, 0)) for it in items]
             results = model.refer_batch(images, [it["sentence"] for it in items], threshold=threshold)
-            for i, it, r in zip(indices, items, results):
-                breakdown.update(i, r.mask, np.asarray(it["mask"], bool), it.get("kind"))
+            for it, r in zip(items, results):
+                breakdown.update(r.mask, it)
     finally:
         model.train(was_training)
     return breakdown.compute()
 
 
 class _Breakdown:
-    """Referring metrics overall, per expression kind, and — on the generated world, where every object's pixels
-    are known — ``object_acc``: the percentage of items whose prediction overlaps the target more than any other
-    object (IoU with each object's visible pixels). It separates "chose the wrong object" from "chose the right
-    one with a rough outline", which mIoU mixes."""
+    """Referring metrics overall, per expression kind (items with a ``kind``), and — for items that carry their
+    scene's objects (``instance_map``, ``object_ids``, ``target_id``: the generated world) — ``object_acc``: the
+    percentage of items whose prediction overlaps the target more than any other object (IoU with each object's
+    visible pixels). It separates "chose the wrong object" from "chose the right one with a rough outline", which
+    mIoU mixes."""
 
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
+    def __init__(self) -> None:
         self.overall = ReferringMeter()
         self.by_kind: dict[str, ReferringMeter] = {}
         self.picked: list[bool] = []
 
-    def update(self, index: int, pred: np.ndarray, gt: np.ndarray, kind: str | None) -> None:
+    def update(self, pred: np.ndarray, item: Mapping[str, Any]) -> None:
+        gt = np.asarray(item["mask"], bool)
         self.overall.update(pred, gt)
-        if kind is not None:
-            self.by_kind.setdefault(str(kind), ReferringMeter()).update(pred, gt)
-        if hasattr(self.dataset, "referring_sample"):
-            r = self.dataset.referring_sample(index)
-            objects = [r.sample.instance_map == o.instance_id for o in r.sample.objects]
+        if item.get("kind") is not None:
+            self.by_kind.setdefault(str(item["kind"]), ReferringMeter()).update(pred, gt)
+        if "instance_map" in item:
+            ids = item["object_ids"]
+            objects = [item["instance_map"] == k for k in ids]
             ious = [np.count_nonzero(pred & m) / max(1, np.count_nonzero(pred | m)) for m in objects]
-            self.picked.append(bool(pred.any()) and int(np.argmax(ious)) == int(r.target))
+            self.picked.append(bool(pred.any()) and ids[int(np.argmax(ious))] == item["target_id"])
 
     def compute(self) -> dict[str, float]:
         out = self.overall.compute()
@@ -277,14 +277,13 @@ def largest_object_baseline(dataset, max_items: int | None = None) -> dict[str, 
     object with the most visible pixels in the scene. Same metrics as :func:`evaluate_referring`."""
     if not hasattr(dataset, "referring_sample"):
         raise ConfigError("the largest-object baseline needs the generated referring world (scene instance maps)")
-    breakdown = _Breakdown(dataset)
+    breakdown = _Breakdown()
     n = len(dataset) if max_items is None else min(len(dataset), max_items)
     for i in range(n):
-        r = dataset.referring_sample(i)
-        ids = np.array([o.instance_id for o in r.sample.objects])
-        areas = [(r.sample.instance_map == k).sum() for k in ids]
-        breakdown.update(i, r.sample.instance_map == ids[int(np.argmax(areas))], np.asarray(r.mask, bool),
-                         r.expression.kind)
+        item = dataset[i]
+        ids = item["object_ids"]
+        areas = [np.count_nonzero(item["instance_map"] == k) for k in ids]
+        breakdown.update(item["instance_map"] == ids[int(np.argmax(areas))], item)
     return breakdown.compute()
 
 
@@ -514,7 +513,7 @@ def bundle_referring_weights(final_weights: str | os.PathLike, out_path: str | o
     from ..models import create_model
 
     src = Path(final_weights)
-    meta = json.loads(src.with_suffix(".json").read_text()) if src.with_suffix(".json").is_file() else {}
+    meta = ckpt.read_final_meta(src)
     if meta.get("task") != "referring" or "model" not in meta:
         raise ConfigError(f"{src}: expected model_final.safetensors of a referring run (model_final.json beside it)")
     model = create_model(meta["model"])

@@ -618,8 +618,7 @@ def etris_vit_b_16(cfg: ETRISConfig) -> ETRIS:
 
 
 # Trained by configs/etris_world_stage1.yaml -> etris_world.yaml -> etris_world_stage3.yaml -> etris_world_stage4.yaml
-# (docs/referring.md),
-# bundled without the frozen CLIP by vocabseg.engine.referring.bundle_referring_weights.
+# (docs/referring.md), bundled without the frozen CLIP by vocabseg.engine.referring.bundle_referring_weights.
 ETRIS_WORLD_WEIGHTS = WEIGHTS_DIR / "etris_world.safetensors"
 
 
