@@ -130,13 +130,14 @@ def _torch_load(path: Path) -> object:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
-            raise CheckpointError(
-                f"Checkpoint file {path} contains pickled objects other than tensors (e.g. a whole model or "
-                f"custom classes), which are refused because unpickling them can run code; save "
-                f"model.state_dict() instead.") from e
+            # metadata objects beside the weights (OmegaConf configs, Counters, Lightning callbacks): read them as
+            # inert placeholders; anything else (a pickled model, os.system...) is refused without running it
+            from ..checkpoint_io import safe_torch_load
+
+            return safe_torch_load(path, expected="a weights file")
         raise CheckpointError(f"Checkpoint file {path} is truncated or corrupt ({_first_line(e)}).") from e
     except (EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"Checkpoint file {path} is truncated or corrupt (unexpected end of data).") from e
