@@ -14,6 +14,7 @@ from .weights import load_strict
 from . import san  # noqa: F401  (registers SAN configs)
 from . import default  # noqa: F401  (the embedded default)
 from . import clims, etris, groupvit, lseg, segvit  # noqa: F401
+from . import clims_release, etris_release, lseg_release, segvit_release  # noqa: F401  (official release architectures)
 
 
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, clip: str | Path | None = None,

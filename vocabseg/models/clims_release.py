@@ -1,0 +1,1 @@
+"""clims_release (placeholder: filled by its release port)."""

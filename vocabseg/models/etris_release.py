@@ -1,0 +1,1 @@
+"""etris_release (placeholder: filled by its release port)."""

@@ -1,0 +1,1 @@
+"""lseg_release (placeholder: filled by its release port)."""

@@ -1,0 +1,1 @@
+"""segvit_release (placeholder: filled by its release port)."""
