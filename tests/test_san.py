@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vocabseg
 from vocabseg.errors import CheckpointError
-from vocabseg.models import create_model
+from vocabseg.models import create_model, get_config
 from vocabseg.models.san import official_to_vocabseg, recognition_mask, vocabseg_to_official
 
 KEYS_TSV = Path(__file__).parent / "data" / "san_vit_b_16.keys.tsv"
@@ -31,9 +31,9 @@ def test_trainable_parameters_match_paper():
     assert "clip.visual.positional_embedding" in names and "bg_embed" in names
     assert all(n.startswith(("side.", "bg_embed", "clip.visual.positional_embedding")) for n in names)
     large = sum(p.numel() for p in _meta_model("san_vit_large_14").trainable_parameters())
-    # Ours: 9.0 M (B/16 + 16-head bias MLP + 1024-wide fusions + 257x1024 positions). The paper says 9.3 M; the
-    # 0.3 M gap is not explained by the release layout we know (see docs/models.md), so only the scale is checked.
-    assert abs(large - 9.3e6) / 9.3e6 < 0.04, large
+    # The official large model's count (its code, its config): side network + 16-head bias MLP + 1024-wide fusions
+    # + CLIP ViT-L/14-336's 577 x 1024 positions + background embedding; the paper's 9.3 M.
+    assert large == 9_321_650, large
 
 
 def test_flops_at_640_match_paper():
@@ -129,6 +129,49 @@ def test_positional_table_of_release_is_resized(tmp_path):
     loaded = vocabseg.load_model("san_tiny_test", checkpoint=path)
     assert loaded.clip.visual.positional_embedding.shape == pe.shape
     assert torch.equal(loaded.clip.visual.positional_embedding[0], bigger[0])
+
+
+def test_large_release_loads_its_336_px_grid_without_resizing(tmp_path, monkeypatch):
+    """SAN-L/14 runs on CLIP ViT-L/14-336: a random file in the release layout (586 tensors, 436.7 M values, fp32,
+    a 24 x 24 + 1 positional table) loads strictly, every tensor as written, and nothing is resized on the way."""
+    import vocabseg.models.weights as weights
+
+    official = vocabseg_to_official(_meta_model("san_vit_large_14").state_dict(), rec_start=18)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.empty(v.shape).normal_(0, 0.02, generator=gen) for k, v in official.items()}
+    state["criterion.empty_weight"] = torch.ones(172)
+    state["ov_classifier.attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)
+    assert len(state) == 586 and abs(sum(v.numel() for v in state.values()) - 436.7e6) < 0.05e6
+    assert state["clip_visual_extractor.positional_embedding"].shape == (577, 1024)
+    path = tmp_path / "san_vit_large_14.pth"
+    torch.save({"model": state}, path)
+    expected = {k: state[k] for k in ("clip_visual_extractor.positional_embedding",
+                                      "side_adapter_network.vit_model.pos_embed", "clip_rec_head.proj")}
+    del state
+
+    def no_resizing(key, value, shape):
+        raise AssertionError(f"{key} was resized from {tuple(value.shape)} to {tuple(shape)}")
+
+    monkeypatch.setattr(weights, "_resize_positional", no_resizing)
+    model = vocabseg.load_model("san_vit_large_14", checkpoint=path)
+    path.unlink()
+    assert model.clip.config.image_resolution == 336 and model.clip.visual.positional_embedding.shape == (577, 1024)
+    assert torch.equal(model.clip.visual.positional_embedding, expected["clip_visual_extractor.positional_embedding"])
+    assert torch.equal(model.side.pos_embed, expected["side_adapter_network.vit_model.pos_embed"])
+    assert torch.equal(model.clip.visual.proj, expected["clip_rec_head.proj"])
+
+
+def test_large_clip_input_is_the_padded_image_at_0_7():
+    """The official large model resizes the padded image by scale_factor 0.7 in fp32: 640 x 864 -> 448 x 604,
+    a 32 x 43 grid of ViT-L/14 patches (recomputing the size, or resizing in double, gives other numbers)."""
+    config = get_config("san_vit_large_14")
+    assert config.clip_scale == 0.7 and config.rec_start == 18
+    assert config.fusion_map == ((0, 0), (6, 1), (12, 2), (18, 3))
+    model = _meta_model("san_vit_large_14").eval()
+    with torch.device("meta"):
+        maps, rec_tokens, grid = model.clip_features(torch.empty(1, 3, 640, 864))
+    assert grid == (32, 43) and rec_tokens.shape == (1, 1 + 32 * 43, 1024)
+    assert sorted(maps) == [0, 6, 12, 18] and all(m.shape == (1, 1024, 32, 43) for m in maps.values())
 
 
 def test_recognition_mask_semantics():

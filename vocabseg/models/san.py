@@ -466,8 +466,10 @@ def _san_b16() -> SANConfig:
 
 
 def _san_l14() -> SANConfig:
-    # ViT-L/14 release: CLIP at 0.7 × resolution, fusion from blocks 6/12/18, recognition from block 18.
-    return SANConfig(clip=config_for("ViT-L/14"), clip_scale=0.7, fusion_map=((0, 0), (6, 1), (12, 2), (18, 3)),
+    # ViT-L/14 release (configs/san_clip_vit_large_res4_coco.yaml): CLIP ViT-L/14-336 (577 positions, its 24x24
+    # table resized to the image's grid at run time), CLIP at 0.7 x resolution, fusion from blocks 6/12/18,
+    # recognition from block 18.
+    return SANConfig(clip=config_for("ViT-L/14@336px"), clip_scale=0.7, fusion_map=((0, 0), (6, 1), (12, 2), (18, 3)),
                      rec_start=18)
 
 
@@ -486,7 +488,8 @@ def san_vit_b_16(cfg: SANConfig) -> SAN:
     return SAN(cfg)
 
 
-@register_model("san_vit_large_14", "san", _san_l14(), "SAN with CLIP ViT-L/14 (paper config; load the release .pth)")
+@register_model("san_vit_large_14", "san", _san_l14(),
+                "SAN with CLIP ViT-L/14-336 (paper config; load the release .pth)")
 def san_vit_large_14(cfg: SANConfig) -> SAN:
     return SAN(cfg)
 
