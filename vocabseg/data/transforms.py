@@ -35,6 +35,7 @@ __all__ = [
     "collate_batch",
     "resize_image",
     "resize_label",
+    "cv2_resize_bilinear_uint8",
 ]
 
 Label = Optional[np.ndarray]
@@ -86,6 +87,62 @@ def resize_label(label: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     rows = np.minimum(((np.arange(h) + 0.5) * (H / h)).astype(np.int64), H - 1)
     cols = np.minimum(((np.arange(w) + 0.5) * (W / w)).astype(np.int64), W - 1)
     return label[rows[:, None], cols[None, :]]
+
+
+def cv2_resize_bilinear_uint8(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """``cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)`` on a uint8 image, reproduced bit for bit.
+
+    Official pipelines (mmcv ``imresize``/``imrescale``) resize uint8 images with OpenCV, whose bilinear resize is
+    not PIL's: pixel centres at ``(d + 0.5) * src/dst - 0.5`` computed in float32, edge taps clamped, weights in
+    11-bit fixed point (``round(w * 2048)``), an exact horizontal pass, then a vertical pass with OpenCV's SIMD
+    rounding (each row pre-shifted by 4 bits, multiplied with the high 16 bits kept, summed, ``(+2) >> 2``).
+    An exact halving of both sides becomes a 2x2 box average, as OpenCV switches to INTER_AREA there.
+    Checked against opencv-python-headless 4.10 (x86-64) on random and smooth images of many sizes: identical.
+    ``image`` is H x W or H x W x C uint8; returns ``size_hw`` = (h, w) with the same channels.
+    """
+    h, w = int(size_hw[0]), int(size_hw[1])
+    img = np.asarray(image)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or h <= 0 or w <= 0:
+        raise ValueError(f"cv2_resize_bilinear_uint8 takes an HxW(xC) uint8 image and a positive size, got "
+                         f"{img.dtype} {img.shape} -> {size_hw}")
+    H, W = img.shape[:2]
+    if (H, W) == (h, w):
+        return img.copy()
+    plane = img.ndim == 2
+    src = (img[:, :, None] if plane else img).astype(np.int32)
+    if (H, W) == (2 * h, 2 * w):
+        out = (src[0::2, 0::2] + src[0::2, 1::2] + src[1::2, 0::2] + src[1::2, 1::2] + 2) >> 2
+    else:
+        x0, ax0, ax1 = _cv2_linear_taps(W, w, clamp_weights=True)
+        x1 = np.minimum(x0 + 1, W - 1)
+        rows = src[:, x0] * ax0[None, :, None] + src[:, x1] * ax1[None, :, None]  # [H, w, C], scale 2048
+        y0, by0, by1 = _cv2_linear_taps(H, h, clamp_weights=False)
+        top = rows[np.clip(y0, 0, H - 1)] >> 4  # [h, w, C]
+        bottom = rows[np.clip(y0 + 1, 0, H - 1)] >> 4
+        out = (((top * by0[:, None, None]) >> 16) + ((bottom * by1[:, None, None]) >> 16) + 2) >> 2
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    return out[:, :, 0] if plane else out
+
+
+def _cv2_linear_taps(src: int, dst: int, clamp_weights: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV INTER_LINEAR along one axis: first source index and the two 11-bit fixed-point weights per output.
+
+    Columns outside the image take the edge pixel with weight 1 (``clamp_weights``); rows keep their fraction
+    and read clamped row indices, as OpenCV does (the same values up to its rounding).
+    """
+    scale = 1.0 / (dst / src)  # OpenCV stores dst/src and inverts it, in double precision
+    pos = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    first = np.floor(pos).astype(np.int64)
+    frac = (pos - first.astype(np.float32)).astype(np.float32)
+    if clamp_weights:
+        low, high = first < 0, first >= src - 1
+        frac[low | high] = 0.0
+        first[low] = 0
+        first[high] = src - 1
+    one = np.float32(2048.0)
+    w0 = np.rint((np.float32(1.0) - frac) * one).astype(np.int32)  # rint: ties to even, as cvRound
+    w1 = np.rint(frac * one).astype(np.int32)
+    return first, w0, w1
 
 
 def _shortest_edge_size(h: int, w: int, short: float, max_size: Optional[int]) -> tuple[int, int]:
