@@ -273,7 +273,7 @@ def _write_png(folder):
 
 def test_trainable_parameters_of_vit_b_16_against_paper():
     with torch.device("meta"):
-        model = create_model("etris_vit_b_16")
+        model = create_model("etris_vit_b_16_gated")
     parts = E.trainable_breakdown(model)
     print("ETRIS ViT-B/16 trainable parameters:", parts)
     total = parts["total"]

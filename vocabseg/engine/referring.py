@@ -48,7 +48,7 @@ CONFIG_FILE = "config.yaml"
 class ReferringTrainConfig:
     """Everything a referring training run needs; defaults follow the ETRIS paper (ViT-B/16, RefCOCO)."""
 
-    model: str = "etris_vit_b_16"
+    model: str = "etris_vit_b_16_gated"  # etris_vit_b_16 is the release architecture (inference only)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     clip: str | None = None  # CLIP weights (OpenAI / open_clip file) for the frozen towers
     init_checkpoint: str | None = None

@@ -566,8 +566,8 @@ class ETRIS(OpenVocabModel):
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], allow_missing_clip: bool = False) -> None:
         """Load our own state dict (``model_final.safetensors`` or a full ``state_dict``), strictly."""
         if any(k.startswith(("module.", "backbone.", "bridger.", "neck.")) for k in state):
-            raise CheckpointError("this looks like an official ETRIS checkpoint; its Bridger has no gates and its "
-                                  "layout differs from ours, so it cannot be loaded — train with vocabseg instead")
+            raise CheckpointError("this is an official ETRIS release file (Bridgers without gates); load it with "
+                                  "etris_vit_b_16, etris_resnet50 or etris_resnet101 (…_refcocog for RefCOCOg)")
         load_strict(self, state, allow_missing_prefix="clip." if allow_missing_clip else None)
 
 
@@ -610,10 +610,11 @@ def _etris_world() -> ETRISConfig:
                        decoder_layers=2, decoder_ffn=256, projector_dim=64, input_size=128, word_len=20)
 
 
-@register_model("etris_vit_b_16", "etris",
-                _etris_b16(), "ETRIS (Bridger) referring segmentation on CLIP ViT-B/16, 416 px (paper config)",
+# ``etris_vit_b_16`` itself is the official release architecture (:mod:`vocabseg.models.etris_release`).
+@register_model("etris_vit_b_16_gated", "etris",
+                _etris_b16(), "our gated-Bridger ETRIS on CLIP ViT-B/16, 416 px (paper sizes; train with vocabseg)",
                 task="referring")
-def etris_vit_b_16(cfg: ETRISConfig) -> ETRIS:
+def etris_vit_b_16_gated(cfg: ETRISConfig) -> ETRIS:
     return ETRIS(cfg)
 
 
@@ -658,7 +659,7 @@ def refer_command(image: str | os.PathLike, sentence: str, out_dir: str | os.Pat
         model_name = read_final_meta(checkpoint).get("model") or ("etris_vit_b_16" if checkpoint else "etris_world")
     rgb = load_image(image)
     model = load_model(model_name, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit)
-    if not isinstance(model, ETRIS):
+    if not hasattr(model, "refer"):
         raise ConfigError(f"model {model_name!r} is not a referring model; use an etris_* model")
     result = model.refer(rgb, sentence, threshold=threshold)
     out = Path(out_dir)
