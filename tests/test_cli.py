@@ -83,3 +83,58 @@ def test_export_then_segment_with_onnx_backend(tmp_path):
     a = np.asarray(Image.open(tmp_path / "t" / "x_labels.png"))
     b = np.asarray(Image.open(tmp_path / "o" / "x_labels.png"))
     assert np.array_equal(a, b)
+
+
+def _commands():
+    import typer
+
+    from vocabseg.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def _usage_error(monkeypatch, capsys, *argv):
+    """Run the CLI in-process with ``argv``: (exit code, stderr)."""
+    import pytest
+
+    from vocabseg.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vocabseg", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_mistyped_command_lines_print_usage_and_exit_2(monkeypatch, capsys):
+    """Every subcommand: an unknown option, a missing argument, a value of the wrong type -> click's short usage
+    message and status 2, never a traceback; a forgotten command name too."""
+    import typer
+
+    code, err = _usage_error(monkeypatch, capsys, "image.png", "--vocab", "a, b")
+    assert code == 2 and "No such command" in err and "Usage:" in err and "Traceback" not in err
+    checked_types = 0
+    for name, command in _commands().items():
+        code, err = _usage_error(monkeypatch, capsys, name, "--no-such-option")
+        if (command.context_settings or {}).get("ignore_unknown_options"):  # key=value overrides pass through: the word is taken as the config path
+            assert code == 1 and "does not exist" in err and "Traceback" not in err, (name, err)
+        else:
+            assert code == 2 and "No such option" in err and "Traceback" not in err, (name, err)
+        required = [p for p in command.params if p.required and not getattr(p, "opts", [""])[0].startswith("-")]
+        if required:
+            code, err = _usage_error(monkeypatch, capsys, name)
+            assert code == 2 and "Missing" in err and "Traceback" not in err, (name, err)
+        for param in command.params:
+            annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+            if param.opts[0].startswith("--") and annotation in (int, float):
+                args = [name] + ["x"] * sum(1 for p in command.params if p.required and p.opts[0][:1] != "-")
+                code, err = _usage_error(monkeypatch, capsys, *args, param.opts[0], "abc")
+                assert code == 2 and "Invalid value" in err and "Traceback" not in err, (name, param.opts, err)
+                checked_types += 1
+                break
+    assert checked_types >= 3
+    assert isinstance(typer.__version__, str)
+
+
+def test_usage_error_from_the_installed_entry_point():
+    res = run("segment", "image.png", "--vocab", "a, b", "--no-such-option")
+    assert res.returncode == 2 and "Usage:" in res.stderr and "Traceback" not in res.stderr

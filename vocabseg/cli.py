@@ -371,22 +371,13 @@ def eval_cmd(
 
 
 def main() -> None:
+    """Run the app. Click reports mistyped command lines itself (short usage message, exit 2); our own
+    :class:`UserError` is printed as one line (exit 1); anything else is a bug and keeps its traceback."""
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=True)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":
