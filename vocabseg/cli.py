@@ -159,6 +159,29 @@ def serve(
         root_path=root_path, forwarded_allow_ips=forwarded_allow_ips)
 
 
+@app.command("compare")
+def compare_cmd(
+    image: Path = typer.Argument(..., help="The image to segment with every model."),
+    vocab: Optional[str] = typer.Option(None, "--vocab", "-v", help='Class names, comma separated: "cat, dog, grass".'),
+    vocab_file: Optional[Path] = typer.Option(None, "--vocab-file", help="A text file with one class name per line."),
+    models: str = typer.Option("default,segvit_world,lseg_world", "--models", "-m",
+                               help="Comma-separated registered model names."),
+    checkpoint: List[str] = typer.Option([], "--checkpoint", "-c", help="NAME=PATH weights of a compared model (repeatable)."),
+    sentence: Optional[str] = typer.Option(None, "--sentence", "-s", help="What referring models (ETRIS) segment."),
+    out: Path = typer.Option(Path("compare.png"), "--out", "-o", help="The picture to write."),
+    panel_width: int = typer.Option(384, help="Width of each panel in pixels."),
+) -> None:
+    """One picture: the input and each model's overlay, same colours for the same names, timed."""
+    from .compare import compare, parse_checkpoint_pairs
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    words = _read_vocabulary(vocab, vocab_file) if (vocab or vocab_file) else []
+    picture = compare(image, words, names, checkpoints=parse_checkpoint_pairs(checkpoint), sentence=sentence,
+                      panel_width=panel_width)
+    _atomic_save_image(picture, out)
+    console.print(f"wrote {out} ({len(names)} models)")
+
+
 @app.command("models")
 def models_cmd(all: bool = typer.Option(False, "--all", help="Include tiny test configs.")) -> None:
     """List registered models."""

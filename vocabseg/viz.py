@@ -335,3 +335,60 @@ def _add_legend(
             draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=colour, outline=(0, 0, 0))
         draw.text((x + swatch + pad, y + max(0, (swatch - th) // 2)), text, fill=(0, 0, 0), font=font)
     return canvas
+
+
+# --------------------------------------------------------------------------------------------
+# side-by-side comparison
+# --------------------------------------------------------------------------------------------
+
+
+def compare_grid(
+    panels: Sequence[tuple[str, Image.Image]],
+    names: Sequence[str],
+    palette: np.ndarray,
+    extra_entries: Sequence[tuple[str, tuple[int, int, int]]] = (),
+    panel_width: int = 384,
+    columns: int | None = None,
+) -> Image.Image:
+    """Titled panels in a grid with one shared legend below: every panel uses ``palette`` for ``names``, so one
+    name has one colour across all of them. ``extra_entries`` adds legend lines (e.g. a referring sentence)."""
+    if not panels:
+        raise ValueError("compare_grid needs at least one panel")
+    if panel_width < 64:
+        raise ValueError(f"panel_width must be at least 64 pixels, got {panel_width}")
+    columns = columns or min(len(panels), 4)
+    scaled = []
+    for title, picture in panels:
+        w, h = picture.size
+        scaled.append((title, picture.convert("RGB").resize((panel_width, max(1, round(h * panel_width / w))),
+                                                            Image.BILINEAR)))
+    font_size = max(12, panel_width // 24)
+    font = _load_font(font_size)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = max(4, font_size // 2)
+    title_h = font_size + 2 * pad
+    cell_h = title_h + max(p.size[1] for _, p in scaled)
+    rows = math.ceil(len(scaled) / columns)
+    entries = [(_shorten(n), tuple(int(v) for v in palette[i])) for i, n in enumerate(names)]
+    entries += [(_shorten(t, 60), c) for t, c in extra_entries]
+    measured = [(*_text_box(scratch, text, font), colour) for text, colour in entries]
+    entry_w = font_size + 3 * pad + max((m[1] for m in measured), default=0)
+    total_w = columns * panel_width + (columns + 1) * pad
+    per_row = max(1, (total_w - pad) // entry_w)
+    legend_rows = math.ceil(len(measured) / per_row)
+    line_h = font_size + pad
+    canvas = Image.new("RGB", (total_w, rows * (cell_h + pad) + pad + legend_rows * line_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (title, picture) in enumerate(scaled):
+        r, c = divmod(k, columns)
+        x, y = pad + c * (panel_width + pad), pad + r * (cell_h + pad)
+        text, tw, th = _text_box(draw, _shorten(title, 48), font)
+        draw.text((x + max(0, (panel_width - tw) // 2), y + pad), text, fill=(0, 0, 0), font=font)
+        canvas.paste(picture, (x, y + title_h))
+    top = pad + rows * (cell_h + pad)
+    for k, (text, _tw, th, colour) in enumerate(measured):
+        r, c = divmod(k, per_row)
+        x, y = pad + c * entry_w, top + r * line_h
+        draw.rectangle([x, y, x + font_size - 1, y + font_size - 1], fill=colour, outline=(0, 0, 0))
+        draw.text((x + font_size + pad, y + max(0, (font_size - th) // 2)), text, fill=(0, 0, 0), font=font)
+    return canvas
