@@ -183,7 +183,7 @@ def test_models_health_page_and_schema(client):
     assert client.get("/healthz").json()["status"] == "ok"
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for needle in ('type="file"', 'id="vocabulary"', 'id="run"', 'id="overlay"', 'id="legend"'):
+    for needle in ('type="file"', 'id="vocabulary"', 'id="run"', 'id="models"', 'id="cards"', 'id="legend"'):
         assert needle in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
     schema = client.get("/openapi.json").json()
@@ -191,6 +191,33 @@ def test_models_health_page_and_schema(client):
     seg = schema["paths"]["/api/segment"]["post"]
     assert "multipart/form-data" in seg["requestBody"]["content"]
     assert any(p["name"] == "format" for p in seg["parameters"])
+
+
+def test_several_models_each_request_names_one(model):
+    """A server started with several models lists them (the first is the default) and answers each request with
+    the model it names; an unknown name is a one-line 404; two models under one name are refused."""
+    from fastapi.testclient import TestClient
+
+    from vocabseg.errors import ConfigError
+
+    torch.manual_seed(1)
+    other = vocabseg.create_model("san_tiny_test").eval()
+    other.model_name = "other_tiny"
+    rgb = scene(3)
+    with TestClient(create_app([model, other])) as c:
+        assert [m["name"] for m in c.get("/api/models").json()["models"]] == ["san_tiny_test", "other_tiny"]
+        assert c.get("/healthz").json()["models"] == ["san_tiny_test", "other_tiny"]
+        for chosen, how in ((model, {}), (other, {"model": "other_tiny"}), (model, {"model": "san_tiny_test"})):
+            r = post(c, png(rgb), query="?format=labels", **how)
+            assert r.status_code == 200 and r.headers["x-vocabseg-model"] == chosen.model_name
+            want = Predictor(chosen).predict(rgb, NAMES).labels
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), want)
+        r = post(c, png(rgb), query="?model=other_tiny&format=labels")
+        assert r.headers["x-vocabseg-model"] == "other_tiny"
+        r = post(c, png(rgb), model="no_such_model")
+        assert r.status_code == 404 and "no_such_model" in r.json()["detail"] and "other_tiny" in r.json()["detail"]
+    with pytest.raises(ConfigError, match="twice"):
+        create_app([model, model])
 
 
 # ----------------------------------------------------------------------------------------------- bad requests

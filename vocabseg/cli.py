@@ -138,8 +138,10 @@ def _atomic_save_image(image, path: Path) -> None:
 def serve(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    model: List[str] = typer.Option([], "--model", "-m",
+                                    help="A registered model (repeatable: the page compares them; first = default)."),
+    checkpoint: List[str] = typer.Option([], "--checkpoint", "-c",
+                                         help="Weights: PATH for one model, NAME=PATH with several (repeatable)."),
     clip: Optional[Path] = typer.Option(None, "--clip"),
     device: str = typer.Option("cpu"),
     trust_jit: bool = typer.Option(False),
@@ -152,9 +154,16 @@ def serve(
     forwarded_allow_ips: Optional[str] = typer.Option(None, "--forwarded-allow-ips"),
 ) -> None:
     """Serve a model over HTTP: JSON/PNG API and a web page (docs/serving.md)."""
+    from .compare import parse_checkpoint_pairs
     from .serve import serve as run
 
-    run(host, port, model, checkpoint, clip, backend, onnx_dir=onnx_dir, device=device, trust_jit=trust_jit,
+    models = model or [None]
+    if len(checkpoint) == 1 and "=" not in checkpoint[0]:
+        weights: object = Path(checkpoint[0])  # one model, one plain path (as before)
+    else:
+        weights = parse_checkpoint_pairs(checkpoint) if checkpoint else None
+    run(host, port, models if len(models) > 1 else models[0], weights, clip, backend, onnx_dir=onnx_dir,
+        device=device, trust_jit=trust_jit,
         max_upload_bytes=int(max_upload_mb * 2 ** 20), max_pixels=max_pixels, max_vocabulary=max_vocabulary,
         root_path=root_path, forwarded_allow_ips=forwarded_allow_ips)
 

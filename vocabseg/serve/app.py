@@ -5,7 +5,8 @@ Endpoints (all paths relative to the app's mount point, so it runs behind a prox
 - ``POST /api/segment``: multipart form with ``image`` (a file) and ``vocabulary`` ("cat, dog, grass"); option
   ``format`` (query or form): ``json`` (default; vocabulary, per-class areas and colours, image size, timings),
   ``labels`` (the label map as a PNG of class indices, palette-coloured) or ``overlay`` (the overlay PNG).
-- ``GET /api/models``: the served model's name, family, backend and configuration; the server's limits.
+- ``GET /api/models``: the served models' names, families, backends and configurations (the first is the
+  default); the server's limits. ``POST /api/segment`` takes ``model`` (form or query) to choose one.
 - ``GET /healthz``: liveness, ``{"status": "ok"}``.
 - ``GET /``: one HTML page (no external resources, no build step) to try the model in a browser.
 - ``GET /openapi.json``, ``GET /docs``: FastAPI's schema and its explorer.
@@ -27,7 +28,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -296,10 +297,26 @@ class _BodyLimit:
 # ----------------------------------------------------------------------------------------------- the app
 
 
+def _services(models: Any) -> dict[str, SegmentService]:
+    """Name -> service for one model (or predictor) or a sequence of them; names must be distinct."""
+    items = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not items:
+        raise ConfigError("serve needs at least one model")
+    services: dict[str, SegmentService] = {}
+    for item in items:
+        service = SegmentService(item)
+        if service.name in services:
+            raise ConfigError(f"model {service.name!r} is served twice; give each served model once")
+        services[service.name] = service
+    return services
+
+
 def create_app(model_or_predictor: Any, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_vocabulary: int = DEFAULT_MAX_VOCABULARY,
                title: str = "vocabseg") -> FastAPI:
-    """A FastAPI app serving one model (a model, a :class:`~vocabseg.predict.Predictor` or an ONNX segmenter).
+    """A FastAPI app serving one model or several (each a model, a :class:`~vocabseg.predict.Predictor` or an ONNX
+    segmenter). With several, a request names its model (``model`` field); the first is the default, and the web
+    page shows the chosen ones side by side.
 
     ``max_upload_bytes``: size of the image file (the whole request may carry 1 MiB more for the form fields);
     ``max_pixels``: width × height of the decoded image; ``max_vocabulary``: class names per request.
@@ -310,12 +327,21 @@ def create_app(model_or_predictor: Any, max_upload_bytes: int = DEFAULT_MAX_UPLO
                      ("max_vocabulary", max_vocabulary)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"{label} must be a positive integer, got {v!r}")
-    service = SegmentService(model_or_predictor)
+    services = _services(model_or_predictor)
+    service = next(iter(services.values()))  # the default model
+
+    def pick(name: Optional[str]) -> SegmentService:
+        if not name:
+            return service
+        if name not in services:
+            raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(services)}")
+        return services[name]
     limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_vocabulary": max_vocabulary,
               "max_name_chars": MAX_NAME_CHARS}
     app = FastAPI(title=title, version=__version__,
                   description="Open-vocabulary segmentation: send an image and any list of class names.")
     app.state.service = service
+    app.state.services = services
     app.state.limits = limits
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + FORM_ALLOWANCE_BYTES, file_limit=max_upload_bytes)
 
@@ -346,11 +372,11 @@ def create_app(model_or_predictor: Any, max_upload_bytes: int = DEFAULT_MAX_UPLO
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict:
-        return {"status": "ok", "model": service.name}
+        return {"status": "ok", "model": service.name, "models": list(services)}
 
-    @app.get("/api/models", summary="The served model and the server's limits")
+    @app.get("/api/models", summary="The served models (the first is the default) and the server's limits")
     async def models() -> dict:
-        return {"models": [service.summary()], "limits": limits}
+        return {"models": [s.summary() for s in services.values()], "limits": limits}
 
     @app.post(
         "/api/segment",
@@ -372,9 +398,13 @@ def create_app(model_or_predictor: Any, max_upload_bytes: int = DEFAULT_MAX_UPLO
         alpha: float = Query(0.5, ge=0.0, le=1.0, description="Opacity of the class colours on the overlay."),
         embed_overlay: bool = Query(False, description="format=json only: add the overlay PNG as a data: URL "
                                                        "('overlay_png'); the web page uses this."),
+        model_query: Optional[str] = Query(None, alias="model", description="A served model's name (default: "
+                                                                             "the first); see /api/models."),
+        model_form: Optional[str] = Form(None, alias="model", description="Same as the query parameter."),
     ) -> Response:
         t0 = time.perf_counter()
         fmt = format_form or format_query or "json"
+        chosen = pick(model_form or model_query)
         names = parse_request_vocabulary(vocabulary, max_vocabulary)
         size = getattr(image, "size", None)
         if size is not None and size > max_upload_bytes:
@@ -384,11 +414,12 @@ def create_app(model_or_predictor: Any, max_upload_bytes: int = DEFAULT_MAX_UPLO
         if len(data) > max_upload_bytes:
             raise ApiError(413, f"the image file is {len(data):,} bytes, more than this server's limit of "
                                 f"{max_upload_bytes:,}")
-        body, timing = await run_in_threadpool(service.segment, data, names, fmt, max_pixels, legend, alpha,
+        body, timing = await run_in_threadpool(chosen.segment, data, names, fmt, max_pixels, legend, alpha,
                                                embed_overlay)
         timing["total_s"] = time.perf_counter() - t0
         server_timing = ", ".join(f"{k[:-2]};dur={v * 1000:.1f}" for k, v in timing.items())
-        headers = {"Server-Timing": server_timing, "X-Vocabseg-Classes": str(len(names))}
+        headers = {"Server-Timing": server_timing, "X-Vocabseg-Classes": str(len(names)),
+                   "X-Vocabseg-Model": chosen.name}
         if fmt == "json":
             body["timing"] = {k: round(v, 6) for k, v in timing.items()}
             return JSONResponse(body, headers=headers)
@@ -401,8 +432,8 @@ def create_app(model_or_predictor: Any, max_upload_bytes: int = DEFAULT_MAX_UPLO
 # ----------------------------------------------------------------------------------------------- running it
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          checkpoint: str | Path | None = None, clip: str | Path | None = None, backend: str = "torch", *,
+def serve(host: str = "127.0.0.1", port: int = 8000, model_name: str | Sequence[str] | None = None,
+          checkpoint: str | Path | Mapping[str, str | Path] | None = None, clip: str | Path | None = None, backend: str = "torch", *,
           onnx_dir: str | Path | None = None, device: str = "cpu", trust_jit: bool = False,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
           max_vocabulary: int = DEFAULT_MAX_VOCABULARY, root_path: str = "", proxy_headers: bool = True,
@@ -427,10 +458,21 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model_name: str | None = No
     elif backend == "torch":
         from ..models import load_model
 
-        for label, path in (("checkpoint", checkpoint), ("CLIP weights", clip)):
+        names = [model_name] if model_name is None or isinstance(model_name, str) else list(model_name)
+        if isinstance(checkpoint, Mapping):
+            unknown = [n for n in checkpoint if n not in names]
+            if unknown:
+                raise UserError(f"--checkpoint names a model that is not served: {', '.join(unknown)}")
+            checkpoints = dict(checkpoint)
+        elif checkpoint is not None and len(names) > 1:
+            raise UserError("with several --model, give checkpoints as --checkpoint NAME=PATH")
+        else:
+            checkpoints = {names[0]: checkpoint}
+        for label, path in [*(("checkpoint", p) for p in checkpoints.values()), ("CLIP weights", clip)]:
             if path is not None and not Path(path).exists():
                 raise UserError(f"{label} file {path} does not exist")
-        target = load_model(model_name, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit)
+        target = [load_model(n, checkpoint=checkpoints.get(n), clip=clip, device=device, trust_jit=trust_jit)
+                  for n in names]
     else:
         raise UserError(f"unknown backend {backend!r}; use torch or onnx")
     app = create_app(target, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
@@ -449,17 +491,24 @@ PAGE_HTML = """<!doctype html>
 <title>vocabseg</title>
 <link rel="icon" href="data:,">
 <style>
-  body { font: 15px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1rem; color: #222; }
+  body { font: 15px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1400px; padding: 1rem; color: #222; }
   h1 { font-size: 1.3rem; margin: 0 0 .2rem; }
   #model { color: #666; font-size: .9rem; margin-bottom: 1rem; }
   form { display: grid; grid-template-columns: auto 1fr; gap: .5rem .8rem; align-items: center; }
   #vocabulary { width: 100%; box-sizing: border-box; padding: .35rem; font: inherit; }
+  #models { display: flex; flex-wrap: wrap; gap: .3rem 1.2rem; }
+  #models label { white-space: nowrap; }
   button { padding: .4rem 1.2rem; font: inherit; cursor: pointer; }
   #status { margin: .8rem 0; min-height: 1.3em; }
   #status.error { color: #b00020; }
   #result { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
-  #overlay { max-width: 100%; max-height: 75vh; border: 1px solid #ccc; }
-  #overlay:not([src]) { display: none; }
+  #cards { display: flex; flex-wrap: wrap; gap: 1rem; }
+  .card { margin: 0; }
+  .card figcaption { font-weight: 600; margin-bottom: .3rem; }
+  .card figcaption .time { font-weight: normal; color: #666; }
+  .card.error figcaption { color: #b00020; }
+  .card img { display: block; max-width: 100%; max-height: 70vh; border: 1px solid #ccc; }
+  #cards.several .card img { max-width: min(100%, 44vw, 640px); }
   #legend { list-style: none; padding: 0; margin: 0; min-width: 14rem; }
   #legend li { display: flex; align-items: center; gap: .5rem; margin: .2rem 0; }
   #legend .swatch { width: 1.1rem; height: 1.1rem; border: 1px solid #555; flex: none; }
@@ -474,66 +523,131 @@ PAGE_HTML = """<!doctype html>
   <input id="image" name="image" type="file" accept="image/*" required>
   <label for="vocabulary">Vocabulary</label>
   <input id="vocabulary" name="vocabulary" type="text" placeholder="red circle, blue square, background" required>
+  <span>Models</span>
+  <div id="models" role="group" aria-label="models"></div>
   <span></span>
   <span><button id="run" type="submit">Segment</button></span>
 </form>
 <div id="status" role="status"></div>
 <div id="result">
-  <img id="overlay" alt="segmentation overlay">
+  <div id="cards"></div>
   <ul id="legend" aria-label="legend"></ul>
 </div>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
 fetch("api/models").then((r) => r.json()).then((info) => {
-  const m = info.models[0];
-  $("model").textContent = "model: " + m.name + (m.description ? " (" + m.description + ")" : "") +
+  const names = info.models.map((m) => m.name);
+  const first = info.models[0];
+  $("model").textContent = (names.length > 1 ? names.length + " models; choose one or several to compare" :
+    "model: " + first.name + (first.description ? " (" + first.description + ")" : "")) +
     "; at most " + info.limits.max_vocabulary + " names, " + (info.limits.max_pixels / 1e6) + " MP, " +
     Math.round(info.limits.max_upload_bytes / 1048576) + " MiB";
+  const box = $("models");
+  info.models.forEach((m, i) => {
+    const label = document.createElement("label");
+    const input = document.createElement("input");
+    input.type = "checkbox";
+    input.name = "model";
+    input.value = m.name;
+    input.checked = i === 0;
+    label.title = m.description || "";
+    label.append(input, " " + m.name);
+    box.append(label);
+  });
 }).catch(() => { $("model").textContent = ""; });
+
+async function segmentWith(model, file, vocabulary) {
+  const body = new FormData();
+  body.append("image", file);
+  body.append("vocabulary", vocabulary);
+  body.append("model", model);
+  const response = await fetch("api/segment?format=json&embed_overlay=true&legend=false", {method: "POST", body});
+  const data = await response.json().catch(() => ({detail: response.status + " " + response.statusText}));
+  if (!response.ok) {
+    throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail));
+  }
+  return data;
+}
+
+function card(model) {
+  const figure = document.createElement("figure");
+  figure.className = "card";
+  figure.dataset.model = model;
+  const caption = document.createElement("figcaption");
+  caption.textContent = model + " ";
+  const time = document.createElement("span");
+  time.className = "time";
+  time.textContent = "\\u2026";
+  caption.append(time);
+  const img = document.createElement("img");
+  img.alt = model + " overlay";
+  figure.append(caption, img);
+  return figure;
+}
 
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const file = $("image").files[0];
   const vocabulary = $("vocabulary").value;
   if (!file) { show("choose an image first", true); return; }
-  const body = new FormData();
-  body.append("image", file);
-  body.append("vocabulary", vocabulary);
+  const chosen = Array.from(document.querySelectorAll("#models input:checked")).map((i) => i.value);
+  if (chosen.length === 0) { show("choose at least one model", true); return; }
+  const cards = $("cards");
+  cards.replaceChildren(...chosen.map(card));
+  cards.classList.toggle("several", chosen.length > 1);
+  $("legend").replaceChildren();
   $("run").disabled = true;
   show("segmenting\\u2026", false);
-  try {
-    const response = await fetch("api/segment?format=json&embed_overlay=true&legend=false", {method: "POST", body});
-    const data = await response.json().catch(() => ({detail: response.status + " " + response.statusText}));
-    if (!response.ok) {
-      show("error: " + (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)), true);
-      return;
+  let failures = 0;
+  let legendDrawn = false;
+  let summary = "";
+  await Promise.all(chosen.map(async (model, k) => {
+    const figure = cards.children[k];
+    try {
+      const data = await segmentWith(model, file, vocabulary);
+      figure.querySelector("img").src = data.overlay_png;
+      figure.querySelector(".time").textContent = (data.timing.total_s * 1000).toFixed(0) + " ms";
+      figure.title = data.areas.map((a) => a.name + " " + (100 * a.fraction).toFixed(1) + " %").join(", ");
+      if (!legendDrawn) { drawLegend(data, chosen.length === 1); legendDrawn = true; }
+      summary = data.image.width + "\\u00d7" + data.image.height + " px, " + data.vocabulary.length + " names";
+    } catch (err) {
+      failures += 1;
+      figure.classList.add("error");
+      figure.querySelector(".time").textContent = "error: " + err.message;
     }
-    $("overlay").src = data.overlay_png;
-    const legend = $("legend");
-    legend.replaceChildren();
-    for (const area of data.areas) {
-      const li = document.createElement("li");
-      const swatch = document.createElement("span");
-      swatch.className = "swatch";
-      swatch.style.background = area.color;
-      const name = document.createElement("span");
-      name.className = "name";
-      name.textContent = area.name;
+  }));
+  $("run").disabled = false;
+  if (failures === chosen.length) {
+    show("error: " + cards.children[0].querySelector(".time").textContent.replace(/^error: /, ""), true);
+  } else {
+    show(summary + (chosen.length > 1 ? ", " + chosen.length + " models" : "") +
+         (failures ? ", " + failures + " failed" : ""), failures > 0);
+  }
+});
+
+function drawLegend(data, withAreas) {
+  // the palette depends on the names alone, so one legend serves every model's overlay
+  const legend = $("legend");
+  const shown = withAreas ? data.areas : data.vocabulary.map((name, index) => ({name, index, color: data.colors[index]}));
+  for (const area of shown) {
+    const li = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = area.color;
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = area.name;
+    li.append(swatch, name);
+    if (withAreas) {
       const pct = document.createElement("span");
       pct.className = "pct";
       pct.textContent = (100 * area.fraction).toFixed(1) + " %";
-      li.append(swatch, name, pct);
-      legend.append(li);
+      li.append(pct);
     }
-    show(data.image.width + "\\u00d7" + data.image.height + " px, " + data.vocabulary.length + " names, " +
-         (data.timing.total_s * 1000).toFixed(0) + " ms on the server", false);
-  } catch (err) {
-    show("error: " + err, true);
-  } finally {
-    $("run").disabled = false;
+    legend.append(li);
   }
-});
+}
 
 function show(text, isError) {
   $("status").textContent = text;
