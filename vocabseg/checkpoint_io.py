@@ -15,6 +15,8 @@ twice.
 
 from __future__ import annotations
 
+import _compat_pickle
+import builtins
 import os
 import pickle
 import re
@@ -39,6 +41,11 @@ METADATA_MODULES = frozenset({
 })
 
 _MAX_GLOBALS = 256
+
+# Plain data types a pickle may name as globals (OmegaConf pickles ``defaultdict(list)`` and ``dict``): real types,
+# harmless to call. Any other builtin (eval, exec, getattr, __import__, open...) is refused.
+_PLAIN_BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
+                             "bytearray", "bool", "slice", "object"})
 
 
 class Inert:
@@ -103,6 +110,10 @@ def _restricted_pickle_module(path: Path, expected: str) -> Any:
                 return getattr(__import__(module, fromlist=[name]), name)
             if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
                 return getattr(torch, name)
+            if module in ("builtins", "__builtin__"):  # protocol 2 names builtins "__builtin__" (Python 2)
+                module, name = _compat_pickle.NAME_MAPPING.get((module, name), ("builtins", name))
+                if module == "builtins" and name in _PLAIN_BUILTINS:  # e.g. OmegaConf's defaultdict(list) factory
+                    return getattr(builtins, name)
             qualified = f"{module}.{name}"
             if module.split(".", 1)[0] not in METADATA_MODULES:
                 raise _refuse(path, qualified, expected)
