@@ -319,9 +319,16 @@ def cams(
     true_labels: bool = typer.Option(False, "--true-labels", help="Write the data set's own label maps instead "
                                      "(same classes as the pseudo-masks: a reference to score a model trained on "
                                      "them)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="A folder of images instead of a data set "
+                                          "(released CLIMS networks: --model clims_resnet50_voc / _coco)"),
+    classes: Optional[str] = typer.Option(None, "--classes", help='Release: the CAM classes, e.g. "bird, car" '
+                                          "(default: all of the release's)"),
+    image_labels: Optional[Path] = typer.Option(None, "--image-labels", help='Release with --images: JSON '
+                                                '{"image stem": ["class", ...]} (default: every class everywhere)'),
     device: str = typer.Option("cpu"),
 ) -> None:
-    """Write CLIMS class activation maps and thresholded pseudo-masks for a data set, and their mIoU."""
+    """Write CLIMS class activation maps and thresholded pseudo-masks for a data set (or, for a released CLIMS
+    network, a folder of images), and their mIoU."""
     from .engine.cams import cams_command
 
     cams_command(out, model=model, checkpoint=str(checkpoint) if checkpoint else None,
@@ -329,7 +336,9 @@ def cams(
                  split=split, threshold=threshold, background=None if background == "none" else background,
                  scales=scales, max_images=max_images, world_samples=world_samples, world_seed=world_seed,
                  world_objects=[w.strip() for w in world_objects.split(",") if w.strip()] if world_objects else None,
-                 true_labels=true_labels, device=device, log=lambda line: console.print(line))
+                 true_labels=true_labels, device=device, log=lambda line: console.print(line),
+                 images=images, classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
+                 image_labels=image_labels)
 
 
 @app.command("cams-sweep")

@@ -17,7 +17,12 @@ map is below ``threshold`` (0.15), in which case it is background. With ``backgr
 written as 255 (ignore) and classes.txt lists the CAM classes only.
 
 Image-level labels come from the item's ``image_labels`` (class indices of the data set) when present, else from
-its label map. The mIoU compares the pseudo-masks with the label maps (:class:`vocabseg.metrics.ConfusionMatrix`),
+its label map.
+
+A released CLIMS CAM network (:mod:`vocabseg.models.clims_release`, ``clims_resnet50_voc``/``_coco``: fixed classes,
+no text) goes through the same writer with its own official inference (``model.cams``: the release's scales, flip
+and ``high_res`` maps, saved as float32); :class:`ImageFolderDataset` runs it over a plain folder of images, with
+image-level labels from a JSON file or the same classes for every image. The mIoU compares the pseudo-masks with the label maps (:class:`vocabseg.metrics.ConfusionMatrix`),
 mapping the data set's classes onto the output's by name; data-set classes without a CAM are ignored.
 """
 
@@ -137,6 +142,65 @@ class WorldObjectsDataset:
                 "index": index}
 
 
+class ImageFolderDataset:
+    """A folder of images (no label maps) for CAMs: item i = ``{"image", "name", "image_labels"?}``.
+
+    ``class_names``: the CAM classes. ``image_labels``: {file stem: [class names]} (e.g. read from a JSON file), the
+    classes of each image, as weak supervision gives them; images it does not list are skipped. Without it every
+    class competes in every image. Images are read as the CLIMS release reads them (RGB, no EXIF rotation).
+    """
+
+    def __init__(self, folder: str | Path, class_names: Sequence[str],
+                 image_labels: dict[str, Sequence[str]] | None = None):
+        from ..io import list_images
+
+        self.class_names = [str(n) for n in class_names]
+        files = list_images(folder)
+        if not files:
+            raise DatasetError(f"no images in {folder}")
+        self._labels = None
+        if image_labels is not None:
+            index = {n.strip().lower(): i for i, n in enumerate(self.class_names)}
+            self._labels = {}
+            for stem, names in image_labels.items():
+                if isinstance(names, str):
+                    names = [n for n in names.split(",") if n.strip()]
+                unknown = [n for n in names if n.strip().lower() not in index]
+                if unknown:
+                    raise DatasetError(f"image labels of {stem!r}: {unknown[0]!r} is not one of the classes "
+                                       f"({', '.join(self.class_names[:5])}, ...)")
+                self._labels[str(stem)] = [index[n.strip().lower()] for n in names]
+            files = [f for f in files if f.stem in self._labels]
+            if not files:
+                raise DatasetError(f"none of the images in {folder} is listed in the image labels")
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        from ..models.clims_release import read_release_image
+
+        path = self.files[index]
+        item = {"image": read_release_image(path), "name": path.stem, "index": index}
+        if self._labels is not None:
+            item["image_labels"] = np.asarray(self._labels[path.stem], np.int64)
+        return item
+
+
+def read_image_labels(path: str | Path) -> dict[str, list[str]]:
+    """A JSON object {image file stem: [class names] or "name, name"}: the image-level labels of a folder."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read image labels {p}: {e}; expected a JSON object "
+                           f'{{"image stem": ["class", ...]}}') from None
+    if not isinstance(data, dict) or not all(isinstance(v, (list, str)) for v in data.values()):
+        raise DatasetError(f'{p}: expected a JSON object {{"image stem": ["class", ...]}}')
+    return {str(k): v for k, v in data.items()}
+
+
 # ----------------------------------------------------------------------------------------------- writer
 
 
@@ -148,7 +212,7 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 def write_cams(model, dataset: Any, out_dir: str | Path, threshold: float | None = None, *,
                class_names: Sequence[str] | None = None, background: str | None = "background",
-               scales: Sequence[float] = (1.0,), flip: bool = True, max_images: int | None = None,
+               scales: Sequence[float] | None = None, flip: bool = True, max_images: int | None = None,
                save_cams: bool = True, log=None) -> dict:
     """Write CAMs and thresholded pseudo-masks of ``dataset`` (``class_names`` + items with ``image`` and
     ``label`` or ``image_labels``) to ``out_dir`` in the custom-dataset layout; returns a summary (with ``mIoU``
@@ -157,11 +221,14 @@ def write_cams(model, dataset: Any, out_dir: str | Path, threshold: float | None
     ``class_names``: the classes that get CAMs (default: the data set's, without the one named ``background``;
     with ``background=None`` all of them).
     ``threshold``: background score (default ``model.config.cam_threshold``, else 0.15).
+    ``scales``: None = the model's own (``config.scales`` of a CLIMS release), else (1.0,).
     """
     from ..metrics import ConfusionMatrix
 
     if threshold is None:
         threshold = float(getattr(getattr(model, "config", None), "cam_threshold", 0.15))
+    if scales is None:
+        scales = tuple(getattr(getattr(model, "config", None), "scales", (1.0,)))
     ds_names = [str(n) for n in dataset.class_names]
     bg_key = background.strip().lower() if background else None
     cam_names = list(class_names) if class_names is not None else [n for n in ds_names if n.strip().lower() != bg_key]
@@ -187,8 +254,13 @@ def write_cams(model, dataset: Any, out_dir: str | Path, threshold: float | None
         (out / sub).mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("".join(n + "\n" for n in out_names))
     model.eval()
-    with torch.no_grad():
-        text = model.text_embeddings(cam_names).detach()
+    release = hasattr(model, "high_res")  # a released CLIMS CAM network: fixed classes, its own inference
+    if release:
+        model.class_indices(cam_names)  # unknown names fail here, by name
+        text = None
+    else:
+        with torch.no_grad():
+            text = model.text_embeddings(cam_names).detach()
     cm = ConfusionMatrix(len(out_names), ignore_index=IGNORE)
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     records, evaluated = [], 0
@@ -202,13 +274,17 @@ def write_cams(model, dataset: Any, out_dir: str | Path, threshold: float | None
             lab = label.astype(np.int64)
             gt = np.where((lab >= 0) & (lab < len(lut)), lut[np.clip(lab, 0, len(lut) - 1)], IGNORE)
         present = _present_classes(item, gt, offset, len(cam_names), ds_names, cam_names)
-        cams = compute_cams(model, image, text[present], scales, flip) if present else \
-            np.zeros((0, *image.shape[:2]), np.float32)
+        if release:
+            cams = model.cams(image, [cam_names[k] for k in present], scales=scales, flip=flip).cams
+        elif present:
+            cams = compute_cams(model, image, text[present], scales, flip)
+        else:
+            cams = np.zeros((0, *image.shape[:2]), np.float32)
         mask = pseudo_label(cams, [k + offset for k in present], threshold, bg_value)
         _save_png(out / "images" / f"{stem}.png", image)
         _save_png(out / "labels" / f"{stem}.png", mask)
         if save_cams:
-            np.save(out / "cams" / f"{stem}.npy", cams.astype(np.float16))
+            np.save(out / "cams" / f"{stem}.npy", cams.astype(np.float32 if release else np.float16))
         records.append({"image": stem, "classes": [cam_names[k] for k in present]})
         if gt is not None:
             cm.update(mask, gt)
@@ -315,31 +391,39 @@ def sweep_cam_thresholds(cams_dir: str | Path, reference_dir: str | Path,
 def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: str | None = None,
                  clip: str | None = None, dataset: str = "custom", data_root: str | None = None,
                  split: str = "train", threshold: float | None = None, background: str | None = "background",
-                 scales: Iterable[float] | str = (1.0,), flip: bool = True, max_images: int | None = None,
+                 scales: Iterable[float] | str | None = None, flip: bool = True, max_images: int | None = None,
                  world_samples: int = 100, world_seed: int = 0, world_objects: Sequence[str] | None = None,
                  device: str = "cpu", trust_jit: bool = False, true_labels: bool = False, log=print,
-                 **overrides: Any) -> dict:
+                 images: str | Path | None = None, classes: Sequence[str] | None = None,
+                 image_labels: str | Path | dict | None = None, **overrides: Any) -> dict:
     """What ``vocabseg cams`` runs: load a CAM model, write CAMs + pseudo-masks of a data set, report mIoU.
 
     ``model``: a registered CAM model; default: the one recorded next to ``checkpoint`` by ``vocabseg train``
     (``model_final.json``: model name and model_overrides, which ``overrides`` extend), else clims_resnet50.
     ``dataset``: a name known to ``vocabseg.data.build_dataset`` (``custom`` with ``data_root``) or ``world``
     (``world_samples`` scenes from ``world_seed``, labelled background + ``world_objects``; default: the classes
-    the checkpoint was trained on, else the object categories). ``scales``: floats or "1,0.5,1.5,2".
+    the checkpoint was trained on, else the object categories). ``scales``: floats or "1,0.5,1.5,2" (None: the
+    model's own; (1.0,) for ours).
+    A released CLIMS network (``clims_resnet50_voc``/``_coco`` with its ``res50_clims.pth``) runs the official CAM
+    inference; ``images``: a folder of images instead of a data set, ``classes``: the CAM classes (default: all
+    of the release's), ``image_labels``: JSON file (or dict) {image stem: [class names]} (default: every class in
+    every image).
     ``true_labels``: write the data set's own label maps instead (:func:`write_reference_labels`; the model is not
     loaded, ``checkpoint`` only names the classes). Returns the summary of :func:`write_cams` (or of that).
     """
     from ..models import load_model
     from ..models import clims as _registers  # noqa: F401  (until vocabseg.models imports it)
+    from ..models import get_entry
 
     if isinstance(scales, str):
         try:
             scales = [float(s) for s in scales.replace(" ", "").split(",") if s]
         except ValueError:
             raise ConfigError(f"scales must be numbers separated by commas, got {scales!r}") from None
-    scales = tuple(scales)
-    if not scales or any(s <= 0 for s in scales):
-        raise ConfigError(f"scales must be positive, got {scales}")
+    if scales is not None:
+        scales = tuple(scales)
+        if not scales or any(s <= 0 for s in scales):
+            raise ConfigError(f"scales must be positive, got {scales}")
     trained_classes = None
     meta = read_final_meta(checkpoint)
     if meta:
@@ -348,6 +432,12 @@ def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: s
             overrides = {**meta.get("model_overrides", {}), **overrides}
             trained_classes = meta.get("class_names")
     model = model or "clims_resnet50"
+    if get_entry(model).family == "clims_release":
+        return _release_cams(out_dir, model, checkpoint, dataset, data_root, split, threshold, background, scales,
+                             flip, max_images, device, images, classes, image_labels, log, overrides)
+    if images is not None:
+        raise ConfigError("--images (a plain folder) needs a released CLIMS network (--model clims_resnet50_voc or "
+                          "clims_resnet50_coco); our own CAM models read a data set (--dataset)")
     if dataset == "world":
         ds = WorldObjectsDataset(world_samples, seed=world_seed, objects=world_objects or trained_classes)
     else:
@@ -369,4 +459,38 @@ def cams_command(out_dir: str | Path, *, model: str | None = None, checkpoint: s
     if log is not None and "mIoU" in summary:
         log(f"pseudo-mask mIoU {summary['mIoU']:.2f} over {summary['evaluated_images']} images "
             f"(threshold {summary['threshold']})")
+    return summary
+
+
+def _release_cams(out_dir, model, checkpoint, dataset, data_root, split, threshold, background, scales, flip,
+                  max_images, device, images, classes, image_labels, log, overrides) -> dict:
+    """``cams_command`` for a released CLIMS CAM network: a folder of images, or a data set with label maps (its
+    classes present in each label map are the image-level labels, as in the release's evaluation)."""
+    from ..models import load_model
+
+    if checkpoint is None:
+        raise ConfigError(f"{model} needs its release file: --checkpoint res50_clims.pth")
+    net = load_model(model, checkpoint=checkpoint, device=device, **overrides)
+    names = [net.class_names[i] for i in net.class_indices(classes)]  # unknown names fail here, by name
+    if images is not None:
+        labels = image_labels if isinstance(image_labels, dict) or image_labels is None else \
+            read_image_labels(image_labels)
+        if labels is not None:  # the release's own spellings ("tvmonitor", "dining table") -> its class names
+            labels = {stem: [net.class_names[i] for i in net.class_indices(v)] for stem, v in labels.items()}
+        ds: Any = ImageFolderDataset(images, names, labels)
+        class_names = None
+    else:
+        if not data_root:
+            raise ConfigError("give --images FOLDER, or --dataset with --root (a data set with label maps)")
+        from ..data.datasets import build_dataset
+
+        ds = build_dataset(dataset, data_root, split)
+        class_names = names if classes is not None else None
+    summary = write_cams(net, ds, out_dir, threshold, class_names=class_names, background=background,
+                         scales=scales, flip=flip, max_images=max_images, log=log)
+    if log is not None:
+        line = f"wrote CAMs and pseudo-masks of {summary['images']} images to {out_dir}"
+        if "mIoU" in summary:
+            line += f"; pseudo-mask mIoU {summary['mIoU']:.2f} (threshold {summary['threshold']})"
+        log(line)
     return summary
