@@ -444,3 +444,19 @@ def test_hostile_metadata_is_refused_without_running(tiny_release, tmp_path, mon
         vocabseg.load_model(TINY, checkpoint=path)
     assert "\n" not in str(err.value) and "evil.ckpt" in str(err.value) and "system" in str(err.value)
     assert not (tmp_path / "pwned_by_lseg").exists()
+
+
+def test_predictor_and_cli_path_use_the_release_geometry(tiny_release):
+    """``Predictor.predict_array`` (what ``vocabseg segment``/``eval`` call) gives the release's numbers too; the
+    generic geometry (the tiny config's default) still goes through the generic path."""
+    from vocabseg.predict import Predictor
+
+    _, path = tiny_release
+    rgb = np.random.default_rng(7).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    names = ["cat", "dog"]
+    release = vocabseg.load_model(TINY, checkpoint=path, **RELEASE)
+    text = release.text_embeddings(names)
+    assert np.array_equal(Predictor(release).predict_array(rgb, names, text).logits, release.predict(rgb, names).logits)
+    generic = vocabseg.load_model(TINY, checkpoint=path)
+    assert generic.release_scores(rgb, text) is None
+    assert generic.predict(rgb, names).logits.shape == (2, 40, 56)

@@ -80,6 +80,11 @@ class Predictor:
     @torch.inference_mode()
     def predict_array(self, rgb: np.ndarray, names: list[str], text_embeddings: torch.Tensor) -> Segmentation:
         """Segment an H×W×3 uint8 array with precomputed text embeddings [C, D]."""
+        own = getattr(self.model, "release_scores", None)  # a release's own geometry (LSeg: align_corners=True)
+        scores = own(rgb, text_embeddings) if own is not None else None
+        if scores is not None:
+            labels, conf = labels_and_confidence(scores)
+            return Segmentation(rgb, names, labels, conf, scores)
         pixels, crop = self.model.prepare(rgb)
         out = self.model.infer(pixels, text_embeddings)
         padded = tuple(pixels.shape[-2:])

@@ -282,15 +282,23 @@ class LSegRelease(OpenVocabModel):
         from ..postprocess import labels_and_confidence
         from ..predict import Segmentation
 
+        scores = self.release_scores(rgb, text_embeddings, multi_scale=multi_scale, force=True, **options)
+        labels, conf = labels_and_confidence(scores)
+        return Segmentation(rgb, names, labels, conf, scores)
+
+    @torch.inference_mode()
+    def release_scores(self, rgb: np.ndarray, text_embeddings: torch.Tensor, multi_scale: bool = False,
+                       force: bool = False, **options: Any) -> "AlignedScores | None":
+        """Scores of an H×W×3 uint8 image in the official geometry (what ``Predictor`` uses for this model), or
+        None under the generic geometry (``geometry="vocabseg"``), which the Predictor then runs itself."""
+        if self.config.geometry != "release" and not (multi_scale or force):
+            return None
         self.eval().materialize()
         x = self.normalize_rgb(rgb)
         text = text_embeddings.to(self.device)
         if multi_scale:
-            scores: AlignedScores = AlignedScores(self.multi_scale_logits(x, text, **options), rgb.shape[:2])
-        else:
-            scores = AlignedScores(self.single_scale_logits(x, text), rgb.shape[:2])
-        labels, conf = labels_and_confidence(scores)
-        return Segmentation(rgb, names, labels, conf, scores)
+            return AlignedScores(self.multi_scale_logits(x, text, **options), rgb.shape[:2])
+        return AlignedScores(self.single_scale_logits(x, text), rgb.shape[:2])
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], allow_missing_clip: bool = False) -> None:
