@@ -268,6 +268,7 @@ class LSegRelease(OpenVocabModel):
         from ..clip.vocabulary import parse_vocabulary
         from ..io import load_image
 
+        self.materialize()
         if self.config.geometry == "vocabseg" and not multi_scale:
             return super().predict(image, vocabulary)
         names = parse_vocabulary(vocabulary)
