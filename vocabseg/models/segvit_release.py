@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -69,6 +69,7 @@ class SegViTReleaseConfig:
     mean: float = 127.5
     std: float = 127.5
     release: str = "ade_54.6.pth"  # the file this configuration loads (for messages)
+    shrink_idx: int | None = None  # Shrunk: query-based down-sampling (stride-2 queries) at this block
 
 
 # ----------------------------------------------------------------------------------------------- class names
@@ -160,12 +161,14 @@ class ATMDecoderLayer(nn.Module):
 class ATMHead(nn.Module):
     """Stages of (Linear → LayerNorm → decoder layers) over ViT features; class queries carried across stages."""
 
-    def __init__(self, config: SegViTReleaseConfig):
+    def __init__(self, config: SegViTReleaseConfig, stages: int | None = None, project: bool = True):
         super().__init__()
         c = config
-        n = len(c.out_indices)
-        self.input_proj = nn.ModuleList(nn.Linear(c.vit.width, c.embed_dims) for _ in range(n))
-        self.proj_norm = nn.ModuleList(nn.LayerNorm(c.embed_dims) for _ in range(n))
+        n = len(c.out_indices) if stages is None else stages
+        # the Shrunk model's single ATM stage reads the TPN's 512-d queries as they are (use_proj=False)
+        self.input_proj = nn.ModuleList((nn.Linear(c.vit.width, c.embed_dims) if project else nn.Identity())
+                                        for _ in range(n))
+        self.proj_norm = nn.ModuleList((nn.LayerNorm(c.embed_dims) if project else nn.Identity()) for _ in range(n))
         self.decoders = nn.ModuleList(
             nn.ModuleList(ATMDecoderLayer(c.embed_dims, c.decoder_heads) for _ in range(c.decoder_layers))
             for _ in range(n))
@@ -191,6 +194,69 @@ class ATMHead(nn.Module):
         return self.class_embed(q), masks
 
 
+class TPNDecoderLayer(nn.Module):
+    """torch's post-norm ``TransformerDecoderLayer`` (ReLU, FFN 4x), as the Shrunk model's up-sampling decoder."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.linear1 = nn.Linear(dim, 4 * dim)
+        self.linear2 = nn.Linear(4 * dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.norm1(q + self.self_attn(q, q, q, need_weights=False)[0])
+        q = self.norm2(q + self.cross_attn(q, tokens, tokens, need_weights=False)[0])
+        return self.norm3(q + self.linear2(F.relu(self.linear1(q))))
+
+
+class QueryUpsampler(nn.Module):
+    """Shrunk's query-based up-sampling (the release's ``TPNATMHead`` before its ATM): a learnt grid of
+    (crop/16)^2 queries decodes the shallow full-grid features, then the deep half-grid ones (in that order)."""
+
+    def __init__(self, config: SegViTReleaseConfig):
+        super().__init__()
+        c = config
+        n = len(c.out_indices)
+        self.input_proj = nn.ModuleList(nn.Linear(c.vit.width, c.embed_dims) for _ in range(n))
+        self.proj_norm = nn.ModuleList(nn.LayerNorm(c.embed_dims) for _ in range(n))
+        self.decoders = nn.ModuleList(
+            nn.ModuleList(TPNDecoderLayer(c.embed_dims, c.decoder_heads) for _ in range(c.decoder_layers))
+            for _ in range(n))
+        self.queries = nn.Parameter(torch.randn((c.crop // 16) ** 2, c.embed_dims) * 0.02)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        q = self.queries.unsqueeze(0).expand(features[0].shape[0], -1, -1)
+        for proj, norm, layers, x in zip(self.input_proj, self.proj_norm, self.decoders, features):
+            tokens = norm(proj(x))
+            for layer in layers:
+                q = layer(q, tokens)
+        return q  # [B, (crop/16)^2, dim]
+
+
+def query_downsample(block: nn.Module, tokens: torch.Tensor, grid: tuple[int, int]
+                     ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Shrunk's query-based down-sampling: a ViT block whose queries are every other token of every other row
+    (residual from them), keys and values all tokens; the grid halves. Uses the block's own weights."""
+    b, n, d = tokens.shape
+    down = tokens.reshape(b, grid[0], grid[1], d)[:, ::2, ::2]
+    small = (down.shape[1], down.shape[2])
+    down = down.reshape(b, -1, d)
+    heads = block.attn.heads
+    wq, wk, wv = block.attn.qkv.weight.chunk(3)
+    bq, bk, bv = block.attn.qkv.bias.chunk(3)
+    full = block.norm1(tokens)
+    q = F.linear(block.norm1(down), wq, bq).reshape(b, -1, heads, d // heads).transpose(1, 2)
+    k = F.linear(full, wk, bk).reshape(b, n, heads, d // heads).transpose(1, 2)
+    v = F.linear(full, wv, bv).reshape(b, n, heads, d // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, d)
+    x = down + block.attn.proj(out)
+    return x + block.mlp(block.norm2(x)), small
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -203,7 +269,11 @@ class SegViTRelease(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = PlainViT(config.vit)
-        self.head = ATMHead(config)
+        if config.shrink_idx is None:
+            self.head = ATMHead(config)
+        else:
+            self.tpn = QueryUpsampler(config)
+            self.head = ATMHead(config, stages=1, project=False)
 
     @property
     def device(self) -> torch.device:
@@ -214,22 +284,29 @@ class SegViTRelease(nn.Module):
         return class_names(self.config)
 
     # -- networks ----------------------------------------------------------------------------------------------
-    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
-        """Normalised crops [B, 3, H, W] -> patch tokens after each of ``out_indices`` [B, L, width]."""
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Normalised crops [B, 3, H, W] -> patch tokens after each of ``out_indices`` [B, L, width], and their
+        grids (halved after the Shrunk model's down-sampling block)."""
         tokens, grid = self.backbone.embed(x)
         tokens = tokens[:, 1:]  # mmseg with_cls_token=False: the class token never enters the blocks
         wanted = set(self.config.out_indices)
-        outs: dict[int, torch.Tensor] = {}
+        outs: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
         for i, block in enumerate(self.backbone.blocks[: max(wanted) + 1]):
-            tokens = block(tokens)
+            if i == self.config.shrink_idx:
+                tokens, grid = query_downsample(block, tokens, grid)
+            else:
+                tokens = block(tokens)
             if i in wanted:
-                outs[i] = tokens
-        return [outs[i] for i in self.config.out_indices], grid
+                outs[i] = (tokens, grid)
+        return [outs[i][0] for i in self.config.out_indices], [outs[i][1] for i in self.config.out_indices]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised crops -> (class logits [B, C, C+1], mask logits [B, C, h, w] at patch resolution)."""
-        feats, grid = self.features(x)
-        return self.head(feats, [grid] * len(feats))
+        feats, grids = self.features(x)
+        if self.config.shrink_idx is None:
+            return self.head(feats, grids)
+        side = self.config.crop // 16
+        return self.head([self.tpn(feats)], [(side, side)])
 
     def crop_scores(self, crops: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Normalised ``crop``-sized windows [B, 3, crop, crop] -> scores [B, K, crop, crop] of ``classes``."""
@@ -340,15 +417,16 @@ _KEY_MAP: list[tuple[str, str]] = [
 _STAGE = re.compile(r"decode_head\.(input_proj|proj_norm)_(\d+)\.(weight|bias)$")
 _LAYER = re.compile(r"decode_head\.decoder_(\d+)\.layers\.(\d+)\.(self_attn|multihead_attn|linear1|linear2|norm1|"
                     r"norm2|norm3)\.(.+)$")
-_IGNORED = (r"decode_head\.loss_decode\.",)
+_IGNORED = (r"decode_head\.(atm\.)?loss_decode\.",)
 
 
 def _describe(state: dict[str, torch.Tensor], config: SegViTReleaseConfig) -> str | None:
     """Why a SegViT-looking state dict is another release than ``config`` (None if it could be this one)."""
-    if any(k.startswith(("decode_head.atm.", "decode_head.decoder_1.layers.0.multihead_attn.in_proj"))
-           for k in state):
-        return "the Shrunk SegViT (TPN + ATM head), which is not supported"
-    q = state.get("decode_head.q.weight")
+    shrunk = any(k.startswith("decode_head.atm.") for k in state)
+    if shrunk != (config.shrink_idx is not None):
+        return ("the Shrunk SegViT release (TPN + ATM head; load it with a *_shrunk model)" if shrunk
+                else "the plain SegViT release (ATM head; load it with a model without _shrunk)")
+    q = state.get("decode_head.atm.q.weight" if shrunk else "decode_head.q.weight")
     if q is not None and q.shape[0] != config.num_classes:
         known = {150: "ADE20K-150 (segvit_vit_large_16_ade)", 171: "COCO-Stuff-171 (segvit_vit_large_16_coco_stuff)",
                  60: "Pascal Context-59 + background (segvit_vit_large_16_pascal_context)"}
@@ -374,21 +452,29 @@ def segvit_from_release(state: dict[str, torch.Tensor], config: SegViTReleaseCon
         raise CheckpointError(f"this is {other}, not {config.release} ({config.num_classes} classes)")
     out: dict[str, torch.Tensor] = {}
     unknown = []
+    shrunk = config.shrink_idx is not None
     for key, value in state.items():
         if any(re.match(p, key) for p in _IGNORED):
             continue
+        target = "head"
+        if shrunk:  # decode_head.atm.* is the ATM head, the rest of decode_head the query up-sampler
+            if key.startswith("decode_head.atm."):
+                key = "decode_head." + key[len("decode_head.atm."):]
+            elif key.startswith("decode_head."):
+                target = "tpn"
         m = _STAGE.match(key)
         if m:
-            out[f"head.{m.group(1)}.{int(m.group(2)) - 1}.{m.group(3)}"] = value
+            out[f"{target}.{m.group(1)}.{int(m.group(2)) - 1}.{m.group(3)}"] = value
             continue
         m = _LAYER.match(key)
         if m:
             part = "cross_attn" if m.group(3) == "multihead_attn" else m.group(3)
-            out[f"head.decoders.{int(m.group(1)) - 1}.{m.group(2)}.{part}.{m.group(4)}"] = value
+            out[f"{target}.decoders.{int(m.group(1)) - 1}.{m.group(2)}.{part}.{m.group(4)}"] = value
             continue
         for pattern, repl in _KEY_MAP:
             if re.match(pattern, key):
-                out[re.sub(pattern, repl, key, count=1)] = value
+                out[re.sub(pattern, repl, key, count=1).replace("head.", target + ".", 1)
+                    if key.startswith("decode_head.") else re.sub(pattern, repl, key, count=1)] = value
                 break
         else:
             unknown.append(key)
@@ -408,19 +494,30 @@ def vocabseg_to_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         (r"backbone\.blocks\.(\d+)\.norm2\.", r"backbone.layers.\1.ln2."),
         (r"backbone\.blocks\.(\d+)\.mlp\.fc1\.", r"backbone.layers.\1.ffn.layers.0.0."),
         (r"backbone\.blocks\.(\d+)\.mlp\.fc2\.", r"backbone.layers.\1.ffn.layers.1."),
-        (r"head\.queries$", "decode_head.q.weight"),
-        (r"head\.class_embed\.", "decode_head.class_embed."),
     ]
     out: dict[str, torch.Tensor] = {}
+    shrunk = any(k.startswith("tpn.") for k in state)
     for key, value in state.items():
+        head = "decode_head.atm." if shrunk and key.startswith("head.") else "decode_head."
+        if key.startswith("tpn."):
+            key = "head." + key[len("tpn."):]
         m = re.match(r"head\.(input_proj|proj_norm)\.(\d+)\.(weight|bias)$", key)
         if m:
-            out[f"decode_head.{m.group(1)}_{int(m.group(2)) + 1}.{m.group(3)}"] = value
+            out[f"{head}{m.group(1)}_{int(m.group(2)) + 1}.{m.group(3)}"] = value
             continue
         m = re.match(r"head\.decoders\.(\d+)\.(\d+)\.([a-z_0-9]+)\.(.+)$", key)
         if m:
             part = "multihead_attn" if m.group(3) == "cross_attn" else m.group(3)
-            out[f"decode_head.decoder_{int(m.group(1)) + 1}.layers.{m.group(2)}.{part}.{m.group(4)}"] = value
+            out[f"{head}decoder_{int(m.group(1)) + 1}.layers.{m.group(2)}.{part}.{m.group(4)}"] = value
+            continue
+        if key.startswith("head."):
+            key = key.replace("head.", "decode_head.", 1)
+            for pattern, repl in ((r"decode_head\.queries$", "q.weight"), (r"decode_head\.class_embed\.", "class_embed.")):
+                if re.match(pattern, key):
+                    out[head + re.sub(pattern, repl, key, count=1)] = value
+                    break
+            else:
+                raise KeyError(f"no official name for {key}")
             continue
         for pattern, repl in inverse:
             if re.match(pattern, key):
@@ -467,6 +564,15 @@ def _tiny() -> SegViTReleaseConfig:
                                crop=64, stride=48, image_scale=(160, 64), release="a tiny test release")
 
 
+def _shrunk(config: SegViTReleaseConfig, release: str) -> SegViTReleaseConfig:
+    # configs/segvit/shrink/*: backbone vit_shrink (shrink_idx 8), out_indices (7, 23), TPNATMHead (3 layers)
+    return replace(config, out_indices=(7, 23), shrink_idx=8, release=release)
+
+
+def _tiny_shrunk() -> SegViTReleaseConfig:
+    return replace(_tiny(), vit=replace(_tiny().vit, pos_grid=4), shrink_idx=2, release="a tiny Shrunk test release")
+
+
 @register_model("segvit_vit_large_16_ade", "segvit_release", _ade(),
                 "SegViT ViT-L/16 + ATM as released, ADE20K-150 closed set (load ade_54.6.pth)",
                 task="closed_set")
@@ -491,4 +597,33 @@ def segvit_vit_large_16_pascal_context(cfg: SegViTReleaseConfig) -> SegViTReleas
 @register_model("segvit_release_tiny_test", "segvit_release", _tiny(), "tiny random SegViT release layout for tests",
                 test_only=True, task="closed_set")
 def segvit_release_tiny_test(cfg: SegViTReleaseConfig) -> SegViTRelease:
+    return SegViTRelease(cfg)
+
+
+@register_model("segvit_vit_large_16_ade_shrunk", "segvit_release", _shrunk(_ade(), "ade_shrunk_53.9.pth"),
+                "SegViT-Shrunk ViT-L/16 as released, ADE20K-150 closed set (load ade_shrunk_53.9.pth)",
+                task="closed_set")
+def segvit_vit_large_16_ade_shrunk(cfg: SegViTReleaseConfig) -> SegViTRelease:
+    return SegViTRelease(cfg)
+
+
+@register_model("segvit_vit_large_16_coco_stuff_shrunk", "segvit_release",
+                _shrunk(_coco_stuff(), "COCOstuff10k_shrunk_49.1.pth"),
+                "SegViT-Shrunk ViT-L/16 as released, COCO-Stuff-171 (load COCOstuff10k_shrunk_49.1.pth)",
+                task="closed_set")
+def segvit_vit_large_16_coco_stuff_shrunk(cfg: SegViTReleaseConfig) -> SegViTRelease:
+    return SegViTRelease(cfg)
+
+
+@register_model("segvit_vit_large_16_pascal_context_shrunk", "segvit_release",
+                _shrunk(_pascal_context(), "PC59cls_62.3.pth"),
+                "SegViT-Shrunk ViT-L/16 as released, Pascal Context-59 + background (load PC59cls_62.3.pth)",
+                task="closed_set")
+def segvit_vit_large_16_pascal_context_shrunk(cfg: SegViTReleaseConfig) -> SegViTRelease:
+    return SegViTRelease(cfg)
+
+
+@register_model("segvit_release_shrunk_tiny_test", "segvit_release", _tiny_shrunk(),
+                "tiny random SegViT-Shrunk release layout for tests", test_only=True, task="closed_set")
+def segvit_release_shrunk_tiny_test(cfg: SegViTReleaseConfig) -> SegViTRelease:
     return SegViTRelease(cfg)
