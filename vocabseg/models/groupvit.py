@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,7 +98,10 @@ class GroupViTConfig:
     mask_stride: int = 2  # dense output at 1/mask_stride of the (padded) input; the release uses 1
     short_side: int = 448  # inference resize (release: VOC/Context at short side 448, long side <= 2048)
     max_side: int = 2048
-    size_divisibility: int = 16
+    size_divisibility: int = 16  # zero-pad the input to a multiple of this; 1: no padding (the release)
+    # How the image is resized to ``inference_size``: "pil" (ours: sides rounded to nearest, PIL bilinear) or
+    # "mmcv" (the release's mmcv ``imrescale``: sides int(x * scale + 0.5), OpenCV INTER_LINEAR on uint8).
+    resize_backend: str = "pil"
 
     @property
     def clip(self) -> GroupViTTextConfig:
@@ -129,6 +133,11 @@ def check_config(c: GroupViTConfig) -> None:
         raise ConfigError(f"width {c.width} is not divisible by heads {c.heads}")
     if c.image_size % c.patch_size:
         raise ConfigError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
+    if c.resize_backend not in ("pil", "mmcv"):
+        raise ConfigError(f"GroupViT resize_backend must be 'pil' or 'mmcv', got {c.resize_backend!r}")
+    if c.mask_stride < 1 or c.size_divisibility < 1:
+        raise ConfigError(f"GroupViT mask_stride and size_divisibility must be >= 1, got {c.mask_stride}, "
+                          f"{c.size_divisibility}")
 
 
 # ----------------------------------------------------------------------------------------------- assignment
@@ -536,6 +545,30 @@ class GroupViT(OpenVocabModel):
         for p in self.parameters():
             p.requires_grad = True
 
+    # -- pixels ------------------------------------------------------------------------------------------------
+    def inference_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size fitting (short_side, max_side) with the aspect kept; "mmcv" rounds as mmcv's ``rescale_size``."""
+        c = self.config
+        if c.resize_backend == "mmcv":
+            scale = min(c.max_side / max(height, width), c.short_side / min(height, width))
+            return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+        return super().inference_size(height, width)
+
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """H×W×3 uint8 -> resized (``resize_backend``), normalised, zero-padded to ``size_divisibility`` [1, 3, Hp, Wp]
+        and the (h, w) of the image inside it. The release pads nothing: its stride-16 patch convolution drops
+        the last h % 16 rows and w % 16 columns, and its group masks still cover the whole input."""
+        from ..data.transforms import cv2_resize_bilinear_uint8
+        from ..predict import resize_image
+
+        resizers = {"pil": resize_image, "mmcv": cv2_resize_bilinear_uint8}
+        h, w = self.inference_size(*image.shape[:2])
+        resized = resizers[self.config.resize_backend](image, (h, w))
+        x = torch.from_numpy(np.ascontiguousarray(resized)).to(self.device).permute(2, 0, 1)[None].float()
+        x = self.normalize_pixels(x)
+        d = self.config.size_divisibility
+        return F.pad(x, (0, (-w) % d, 0, (-h) % d)), (h, w)
+
     # -- text --------------------------------------------------------------------------------------------------
     def is_background(self, name: str) -> bool:
         return name.strip().lower() in {n.strip().lower() for n in self.config.background_names}
@@ -580,9 +613,10 @@ class GroupViT(OpenVocabModel):
         (token -> group 1 -> ... -> last group), resized bilinearly, arg-max (official inference)."""
         composed = None
         for _, soft in assignments:  # soft [B, G_i, N_i], normalised over G_i
-            composed = soft if composed is None else soft @ composed  # [B, G_i, N_0]
-        b, g = composed.shape[:2]
-        maps = composed.reshape(b, g, grid[0], grid[1])
+            t = soft.transpose(1, 2)  # [B, N_i, G_i]: composed token-major as the release does, so that the sums
+            composed = t if composed is None else composed @ t  # round alike (near-ties decide groups) [B, N_0, G_i]
+        b, g = composed.shape[0], composed.shape[2]
+        maps = composed.transpose(1, 2).reshape(b, g, grid[0], grid[1])
         if tuple(size) != tuple(grid):
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         return maps.argmax(dim=1)
@@ -659,9 +693,7 @@ class GroupViT(OpenVocabModel):
     # -- checkpoints -------------------------------------------------------------------------------------------
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], allow_missing_clip: bool = False) -> None:
         """Our own key layout or the release's (``img_encoder.*``, ``text_encoder.*``, ...), strictly."""
-        if any(k.startswith(_OFFICIAL_PREFIXES) for k in state):
-            state = official_to_vocabseg(state)
-        load_strict(self, state, allow_missing_prefix="clip." if allow_missing_clip else None)
+        load_strict(self, checkpoint_filter(state, self), allow_missing_prefix="clip." if allow_missing_clip else None)
 
 
 # ----------------------------------------------------------------------------------------------- official key map
@@ -677,46 +709,84 @@ _PREFIX_MAP: tuple[tuple[str, str], ...] = (
     ("multi_label_logit_scale", "multi_label_logit_scale"),
 )
 _OFFICIAL_PREFIXES = ("img_encoder.", "text_encoder.", "text_projector.")
+_OWN_PREFIXES = ("visual.", "clip.")
+_RELEASE = "a GroupViT checkpoint (NVlabs/GroupViT group_vit_gcc_*.pth: img_encoder.*, text_encoder.* tensors)"
+
+
+def checkpoint_filter(state: dict[str, torch.Tensor], model: "GroupViT") -> dict[str, torch.Tensor]:
+    """Any GroupViT checkpoint -> our names (timm's ``checkpoint_filter_fn``): our own layout passes unchanged,
+    the release's is renamed by :func:`official_to_vocabseg`; anything else is refused by name.
+
+    The RedCaps release (trained with ``multi_label=0``) has no ``multi_label_logit_scale``: that scale only
+    weighs the multi-label training loss, so the model keeps its initial value (log(1 / 0.07)).
+    """
+    if any(k.startswith(_OFFICIAL_PREFIXES) for k in state):
+        out = official_to_vocabseg(state)
+        out.setdefault("multi_label_logit_scale", model.multi_label_logit_scale.detach().clone())
+        own = model.state_dict()
+        unexpected = [k for k in state if _renamed(k) not in own]
+        missing = [_official_name(k) for k in own if k not in out]
+        if unexpected or missing:  # named as the release names them (load_strict would use our names)
+            parts = ([f"{len(unexpected)} tensors this GroupViT does not have (e.g. {', '.join(unexpected[:3])})"]
+                     if unexpected else []) + ([f"{len(missing)} missing (e.g. {', '.join(missing[:3])})"]
+                                               if missing else [])
+            raise CheckpointError(f"not the GroupViT release layout this model expects: {'; '.join(parts)}")
+        return out
+    if any(k.startswith(_OWN_PREFIXES) for k in state):
+        return state
+    shown = ", ".join(list(state)[:3])
+    raise CheckpointError(f"not {_RELEASE} nor a vocabseg GroupViT (visual.*, clip.*); its tensors are e.g. {shown}")
 
 
 def official_to_vocabseg(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a GroupViT release state dict to our names; unknown keys raise a CheckpointError by name.
 
-    Learnt from the public model code (``models/group_vit.py``, ``transformer.py``, ``multi_label_contrastive.py``);
-    not checked against a release file, which this project does not have.
+    Every name was checked against the official model built from the release configs (407 tensors for YFCC, 406
+    for RedCaps, the same names and shapes as ours); no release file was at hand.
     """
     out, unknown = {}, []
     for key, value in state.items():
-        for old, new in _PREFIX_MAP:
-            if key == old or (old.endswith(".") and key.startswith(old)):
-                out[new + key[len(old):]] = value
-                break
-        else:
+        name = _renamed(key)
+        if name is None:
             unknown.append(key)
+        else:
+            out[name] = value
     if unknown:
         raise CheckpointError(f"{len(unknown)} unknown tensors in the GroupViT checkpoint, e.g. "
                               f"{', '.join(unknown[:3])}")
     return out
 
 
+def _renamed(key: str) -> str | None:
+    """Our name of a release tensor name (None when no prefix matches)."""
+    for old, new in _PREFIX_MAP:
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            return new + key[len(old):]
+    return None
+
+
+def _official_name(key: str) -> str:
+    """The release's name of one of our tensor names."""
+    for old, new in sorted(_PREFIX_MAP, key=lambda p: -len(p[1])):  # clip.text_projection. before clip.
+        if key == new or (new.endswith(".") and key.startswith(new)):
+            return old + key[len(new):]
+    raise KeyError(f"no official name for {key}")
+
+
 def vocabseg_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`official_to_vocabseg`."""
-    out = {}
-    for key, value in state.items():
-        for old, new in sorted(_PREFIX_MAP, key=lambda p: -len(p[1])):  # clip.text_projection. before clip.
-            if key == new or (new.endswith(".") and key.startswith(new)):
-                out[old + key[len(new):]] = value
-                break
-        else:
-            raise KeyError(f"no official name for {key}")
-    return out
+    return {_official_name(key): value for key, value in state.items()}
 
 
 # ----------------------------------------------------------------------------------------------- registered configs
 
 
 def _groupvit_s() -> GroupViTConfig:
-    return GroupViTConfig()
+    """The release (NVlabs/GroupViT ``group_vit_gcc_{yfcc,redcap}_30e``) with its demo's VOC inference: resize to
+    fit (2048, 448) as mmcv does (OpenCV bilinear on uint8), ImageNet statistics, no padding, group masks at the
+    full input (stride 1), "a photo of a {}.", background below 0.95, group scores limited to the top-5 classes."""
+    return GroupViTConfig(short_side=448, max_side=2048, resize_backend="mmcv", size_divisibility=1, mask_stride=1,
+                          templates="simple", background_threshold=0.95, topk_classes=5)
 
 
 def _groupvit_tiny() -> GroupViTConfig:
@@ -727,12 +797,29 @@ def _groupvit_tiny() -> GroupViTConfig:
                           mask_stride=4)
 
 
+def _groupvit_release_tiny() -> GroupViTConfig:
+    """The release's layout and inference settings at test size: positional grid 4×4 (32 px / patch 8), width 32,
+    8 then 4 groups, a 1-layer text tower of width 64 (one head, as the release's width // 64) with the release's
+    4096-wide projector; inputs fit to (96, 40) as the release fits them to (2048, 448)."""
+    text = GroupViTTextConfig(width=64, layers=1, heads=1, embed_dim=32, proj_hidden=4096)
+    return dataclasses.replace(_groupvit_s(), image_size=32, patch_size=8, width=32, depths=(1, 1, 1), heads=2,
+                               num_group_tokens=(8, 4, 0), num_output_groups=(8, 4), text=text, short_side=40,
+                               max_side=96)
+
+
 @register_model("groupvit_vit_s", "groupvit", _groupvit_s(),
-                "GroupViT ViT-S (64/8 groups) with its own text tower (paper config; load the release .pth)")
+                "GroupViT ViT-S (64/8 groups) with its own text tower; loads the release group_vit_gcc_*.pth and "
+                "runs its VOC demo inference")
 def groupvit_vit_s(cfg: GroupViTConfig) -> GroupViT:
     return GroupViT(cfg)
 
 
 @register_model("groupvit_tiny_test", "groupvit", _groupvit_tiny(), "tiny random GroupViT for tests", test_only=True)
 def groupvit_tiny_test(cfg: GroupViTConfig) -> GroupViT:
+    return GroupViT(cfg)
+
+
+@register_model("groupvit_release_tiny_test", "groupvit", _groupvit_release_tiny(),
+                "tiny random GroupViT in the release layout with the release inference, for tests", test_only=True)
+def groupvit_release_tiny_test(cfg: GroupViTConfig) -> GroupViT:
     return GroupViT(cfg)
