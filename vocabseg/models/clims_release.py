@@ -136,8 +136,6 @@ class CLIMSReleaseCAM(nn.Module):
         self.class_names = names
         self.resnet50 = ResNet(tuple(config.backbone_layers), config.backbone_width, tuple(config.backbone_strides))
         self.classifier = nn.Conv2d(self.resnet50.out_channels, config.num_classes, 1, bias=False)
-        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean, dtype=torch.float64), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.pixel_std, dtype=torch.float64), persistent=False)
         self._index = {}
         for i, n in enumerate(names):
             self._index.setdefault(_key(n), i)
@@ -181,10 +179,11 @@ class CLIMSReleaseCAM(nn.Module):
 
     # -- CAM inference (step/make_clims.py) --------------------------------------------------------------------
     def _normalise(self, rgb: np.ndarray) -> torch.Tensor:
-        """uint8 H×W×3 -> [3, H, W] float32: ``(x / 255 - mean) / std`` in float64, as TorchvisionNormalize."""
-        x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).to(self.device, torch.float64) / 255.0
-        x = (x - self.pixel_mean) / self.pixel_std
-        return x.to(torch.float32).permute(2, 0, 1)
+        """uint8 H×W×3 -> [3, H, W] float32 on the model's device: ``(x / 255 - mean) / std`` computed in float64
+        (numpy) and stored as float32, as ``TorchvisionNormalize`` does."""
+        mean, std = np.asarray(self.config.pixel_mean, np.float64), np.asarray(self.config.pixel_std, np.float64)
+        x = ((np.asarray(rgb, np.uint8) / 255.0 - mean) / std).astype(np.float32)
+        return torch.from_numpy(x.transpose(2, 0, 1).copy()).to(self.device)
 
     @torch.inference_mode()
     def scale_maps(self, rgb: np.ndarray, scale: float, flip: bool = True) -> torch.Tensor:
