@@ -151,10 +151,10 @@ class LSegRelease(OpenVocabModel):
     def dense_logits(self, pixel_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """scale · cos(pixel, text) in fp32: [B, D, h, w] × [C, D] -> [B, C, h, w]."""
         pix = pixel_embeddings.float()
-        pix = pix / pix.norm(dim=1, keepdim=True)
         text = text_embeddings.float()
         text = text / text.norm(dim=-1, keepdim=True)
-        return self.logit_scale * torch.einsum("bdhw,cd->bchw", pix, text)
+        # (p/|p|)·t = (p·t)/|p|: dividing the C logits instead of the 512 channels saves a [B, 512, h, w] copy
+        return torch.einsum("bdhw,cd->bchw", pix, text) / pix.norm(dim=1, keepdim=True) * self.logit_scale
 
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> dict:
         """Normalised images [B, 3, H, W] (H, W multiples of 32) and text embeddings [C, D] ->
