@@ -696,24 +696,25 @@ def _resnet(arch: str, word_len: int = 17) -> ETRISReleaseConfig:
 
 
 def _vit_tiny() -> ETRISReleaseConfig:
-    """Reduced widths/depths in the release layout: ViT (width 64, 6 blocks, patch 16, 64 px), text 6 blocks of 32,
-    Bridgers after blocks 2/4/6."""
-    clip = CLIPConfig(embed_dim=32, image_resolution=64, vision_layers=6, vision_width=64, vision_patch_size=16,
+    """The release layout at reduced widths: ViT (width 64, 12 blocks, patch 16, 64 px), text 12 blocks of width 32
+    (2 heads), Bridgers after blocks 4/8/12 as released; small neck/decoder/projector."""
+    clip = CLIPConfig(embed_dim=32, image_resolution=64, vision_layers=12, vision_width=64, vision_patch_size=16,
                       context_length=77, vocab_size=49408, transformer_width=32, transformer_heads=2,
-                      transformer_layers=6)
-    return ETRISReleaseConfig(clip=clip, bridge_every=2, ladder_width=16, ladder_heads=2, neck_in=(64, 64, 32),
-                              neck_dim=32, neck_heads=4, decoder_layers=1, decoder_heads=4, decoder_ffn=32,
-                              projector_dim=16, input_size=64, word_len=9)
+                      transformer_layers=12)
+    return ETRISReleaseConfig(clip=clip, ladder_width=16, ladder_heads=2, neck_in=(64, 64, 32), neck_dim=32,
+                              neck_heads=4, decoder_layers=1, decoder_heads=4, decoder_ffn=32, projector_dim=16,
+                              input_size=64, word_len=9)
 
 
 def _resnet_tiny() -> ETRISReleaseConfig:
-    """Reduced ResNet release: ModifiedResNet (1, 1, 1, 1) width 8, text 6 blocks of 32, 64 px."""
+    """The ResNet release layout at reduced widths: ModifiedResNet (1, 1, 1, 1) of width 8 (4 pooling heads), text
+    12 blocks of width 32, 64 px."""
     clip = CLIPConfig(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
                       vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=32,
-                      transformer_heads=2, transformer_layers=6, vision_heads=4)
-    return ETRISReleaseConfig(clip=clip, bridge_every=2, ladder_width=16, ladder_heads=2, ladder_ffn=24,
-                              strides=(2, 1, 2), neck_in=(64, 128, 32), neck_dim=32, neck_heads=4, decoder_layers=1,
-                              decoder_heads=4, decoder_ffn=32, projector_dim=16, input_size=64, word_len=9)
+                      transformer_heads=2, transformer_layers=12, vision_heads=4)
+    return ETRISReleaseConfig(clip=clip, ladder_width=16, ladder_heads=2, strides=(2, 1, 2), neck_in=(64, 128, 32),
+                              neck_dim=32, neck_heads=4, decoder_layers=1, decoder_heads=4, decoder_ffn=32,
+                              projector_dim=16, input_size=64, word_len=9)
 
 
 _RELEASES = [
