@@ -271,8 +271,10 @@ def train_referring_cmd(
 
 @app.command("eval-referring")
 def eval_referring_cmd(
-    config: Path = typer.Argument(..., help="The YAML config the weights were trained with."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="model_final.safetensors of that run."),
+    config: Path = typer.Argument(..., help="The YAML config the weights were trained with (for a release file: "
+                                  "one naming its model, e.g. etris_vit_b_16, and the RefCOCO data)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="model_final.safetensors of that run, or an "
+                                    "official ETRIS best_model.pth."),
     threshold: Optional[List[float]] = typer.Option(None, "--threshold", "-t",
                                                     help="Mask threshold(s) to score (default: the model's)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides (e.g. val_max_items=100)"),
