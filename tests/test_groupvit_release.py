@@ -292,14 +292,16 @@ def tiny_release(tmp_path_factory):
     return vocabseg.load_model(TINY, checkpoint=path)
 
 
-@pytest.mark.parametrize("order", ["forward", "backward"])
-def test_predict_equals_official_demo_inference(tiny_release, official, order):
+def test_predict_equals_official_demo_inference(tiny_release, official):
     """Scores [C, H, W] and labels of ``predict`` against the official code's, every image (sizes that need no
     resize, upscales, downscales, an exact halving) and vocabulary (with "background" first = the official
-    ``with_bg``, without it, reordered), visited in both orders."""
+    ``with_bg``, without it, reordered), vocabularies visited alternately forwards and backwards, then a few
+    pairs again in reverse image order (cached text embeddings and model state must not leak between calls)."""
     data, meta = official
-    pairs = [(i, j) for i in range(len(meta["images"])) for j in range(len(meta["vocabs"]))]
-    for i, j in (pairs if order == "forward" else pairs[::-1]):
+    n_img, n_voc = len(meta["images"]), len(meta["vocabs"])
+    pairs = [(i, j) for i in range(n_img) for j in (range(n_voc) if i % 2 == 0 else reversed(range(n_voc)))]
+    pairs += [(i, (i + 3) % n_voc) for i in reversed(range(n_img))]
+    for i, j in pairs:
         image, vocab = data[f"image{i}"], meta["vocabs"][j]
         res = tiny_release.predict(image, vocabulary=vocab)
         ref_scores, ref_labels = data[f"logit_{i}_{j}"], data[f"label_{i}_{j}"]
@@ -313,3 +315,24 @@ def test_predict_equals_official_demo_inference(tiny_release, official, order):
     assert any(tuple(meta["net"][str(i)]) == data[f"image{i}"].shape[:2] for i in range(len(meta["images"])))
     assert any(v[0] == "background" for v in meta["vocabs"]) and any("background" not in v for v in meta["vocabs"])
     assert any(len(v) - (v[0] == "background") > 5 for v in meta["vocabs"])  # the top-5 restriction bites
+
+
+def test_segment_command_loads_the_release_file(tmp_path, monkeypatch, official):
+    """``vocabseg segment IMAGE --vocab ... --model NAME --checkpoint RELEASE`` as a user runs it (a subprocess)."""
+    import subprocess
+
+    from PIL import Image
+
+    data, meta = official
+    path = write_release(tmp_path / "group_vit_gcc_yfcc_30e-tiny.pth", release_state(_tiny_release_shapes()),
+                         monkeypatch)
+    Image.fromarray(data["image3"]).save(tmp_path / "photo.png")
+    vocab = meta["vocabs"][4]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    res = subprocess.run([sys.executable, "-m", "vocabseg", "segment", str(tmp_path / "photo.png"), "--vocab",
+                          ", ".join(vocab), "--model", TINY, "--checkpoint", str(path), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    labels = np.asarray(Image.open(tmp_path / "o" / "photo_labels.png"))
+    assert (labels == data["label_3_4"]).mean() >= 0.999
+    assert json.loads((tmp_path / "o" / "photo.json").read_text())["vocabulary"] == vocab
