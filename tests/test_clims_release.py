@@ -322,6 +322,11 @@ def test_bad_files_fail_by_name(tiny, tmp_path, monkeypatch):
     torch.save({"resnet50.conv1.weight": torch.zeros(64, 3, 7, 7), "classifier.weight": torch.zeros(80, 2048, 1, 1),
                 "newly_added.0.weight": torch.zeros(80, 2048, 1, 1)}, coco)
     _load_error("clims_release_tiny_test", coco, ["80-class", "clims_resnet50_coco"])
+    # our own CLIP-tied CLIMS
+    own = tmp_path / "own.pth"
+    torch.save({"clip.logit_scale": torch.zeros(()), "backbone.conv1.weight": torch.zeros(8, 3, 7, 7),
+                "classifier.weight": torch.zeros(32, 256, 1, 1)}, own)
+    _load_error("clims_release_tiny_test", own, ["'clims_resnet50'"])
     # a copy missing (the official strict load fails too)
     gone = dict(release)
     del gone["backbone.1.0.0.conv1.weight"]

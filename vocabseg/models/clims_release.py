@@ -328,6 +328,9 @@ def release_to_vocabseg(state: dict[str, torch.Tensor], num_classes: int,
     Anything else fails by name.
     """
     keys = list(state)
+    if any(k.startswith("clip.") for k in keys):
+        raise CheckpointError("this is a checkpoint of vocabseg's own CLIP-tied CLIMS; load it with "
+                              "'clims_resnet50' (the release models take the official res50_clims.pth)")
     if not any(k.startswith(("resnet50.", "backbone.", "stage1.")) for k in keys) or not any(
             k in state for k in ("classifier.weight", "newly_added.0.weight")):
         shown = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
