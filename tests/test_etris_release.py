@@ -13,6 +13,7 @@ The script that wrote both is described in docs/referring.md ("Release files").
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import pickle
 from pathlib import Path
@@ -34,6 +35,7 @@ SIZES = [(50, 70), (64, 64), (30, 64)]
 # ----------------------------------------------------------------------------------------------- release files
 
 
+@functools.lru_cache(maxsize=4)  # read-only; generated once per test session
 def release_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights for model ``name`` in the release's exact layout (``module.`` keys, ConvTranspose [in, out, k,
     k], packed attention projections, int64 ``num_batches_tracked``), from numpy's PCG64 so any machine (and the
@@ -236,18 +238,25 @@ def test_bad_files_give_one_line_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------- commands
 
 
-def test_refer_command_and_eval_referring_with_release_file(tmp_path):
+def test_refer_and_eval_referring_commands_with_release_file(tmp_path):
+    """``vocabseg refer IMAGE "sentence" --model M --checkpoint best_model.pth`` and ``vocabseg eval-referring``
+    on RefCOCO-layout data, through the real command line."""
+    import yaml
     from PIL import Image
+    from typer.testing import CliRunner
 
+    from vocabseg.cli import app
     from vocabseg.engine.referring import evaluate_referring_checkpoint
-    from vocabseg.models.etris import refer_command
 
     name = "etris_release_vit_tiny_test"
     ckpt = write_release(tmp_path / "best_model.pth", name)
     image = tmp_path / "img.png"
     Image.fromarray(test_image(0)).save(image)
-    out = refer_command(image, SENTENCES[0], tmp_path / "out", name, checkpoint=ckpt)
-    mask = np.asarray(Image.open(out["mask"])) > 0
+    runner = CliRunner()
+    res = runner.invoke(app, ["refer", str(image), SENTENCES[0], "--model", name, "--checkpoint", str(ckpt),
+                              "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    mask = np.asarray(Image.open(tmp_path / "out" / "img_mask.png")) > 0
     ref = np.load(DATA / "etris_release_official.npz")["vit_prob0_0"] > 0.35
     assert mask.shape == (50, 70) and (mask == ref).mean() >= 0.999
 
@@ -256,6 +265,18 @@ def test_refer_command_and_eval_referring_with_release_file(tmp_path):
     _make_fake_refcoco(tmp_path / "refer")
     cfg = {"model": name, "dataset": "refcoco", "data_root": str(tmp_path / "refer"), "val_splits": ["val", "testB"],
            "device": "cpu"}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["eval-referring", str(tmp_path / "eval.yaml"), "-c", str(ckpt)])
+    assert res.exit_code == 0, res.output
+    assert "val @ model" in res.output and "testB @ model" in res.output
     results = evaluate_referring_checkpoint(cfg, ckpt)
-    assert set(results) == {"val @ model", "testB @ model"}
     assert results["testB @ model"]["num_items"] == 2 and 0 <= results["val @ model"]["mIoU"] <= 100
+    # the same numbers as scoring the model's own refer() by hand
+    from vocabseg.data.refcoco import RefCOCODataset
+    from vocabseg.metrics import ReferringMeter
+
+    model = vocabseg.load_model(name, checkpoint=ckpt)
+    meter = ReferringMeter()
+    for item in RefCOCODataset(tmp_path / "refer", "refcoco", "testB"):
+        meter.update(model.refer(np.asarray(item["image"]).transpose(1, 2, 0), item["sentence"]).mask, item["mask"])
+    assert abs(meter.compute()["mIoU"] - results["testB @ model"]["mIoU"]) < 1e-9
