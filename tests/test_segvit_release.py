@@ -7,8 +7,11 @@ from mmseg's/ATM's naming rules, not from our key map) with random weights at te
 - ``tests/data/segvit_release_official.npz``: ``seg_logit`` rows computed by the official code itself on the file
   :func:`_write_release` writes (seed 0): zbwxp/SegVit@763137e ``decode_heads/atm_head.py`` in mmsegmentation
   0.24.0 (``EncoderDecoder.slide_inference``, ``VisionTransformer``, the config's test pipeline with mmcv 1.5.0
-  ``imrescale`` on opencv-python-headless 5.1), run outside the project on the tiny config of
-  ``segvit_release_tiny_test`` (scratch scripts ``official_run.py --tiny --load``; not in the repo);
+  ``imrescale`` on opencv-python-headless 5.1; Shrunk: ``backbone/vit_shrink.py`` + ``decode_heads/tpn_atm_head.py``
+  with the ``configs/segvit/shrink`` config), run outside the project on the tiny configs of
+  ``segvit_release_tiny_test`` / ``segvit_release_shrunk_tiny_test`` (scratch scripts
+  ``official_run.py --tiny --load``; not in the repo); the key order of ``_release_keys`` is that of the files
+  mmcv's ``save_checkpoint`` wrote there;
 - an independent re-computation of the official steps from the release tensors (:func:`_official_seg_logit`).
 """
 
@@ -36,15 +39,17 @@ from vocabseg.models.segvit_release import release_resize_size, segvit_from_rele
 
 FIXTURE = Path(__file__).parent / "data" / "segvit_release_official.npz"
 TINY = "segvit_release_tiny_test"
+SHRUNK = "segvit_release_shrunk_tiny_test"
 ADE = load_class_names("ade150")
 
 
 # ----------------------------------------------------------------------------------------------- the release file
 
 
-def _release_keys(width: int, depth: int, grid: int, stages: int, layers: int, dim: int, classes: int
-                  ) -> "OrderedDict[str, tuple[int, ...]]":
-    """Key -> shape of a SegViT release state_dict, in mmcv's order (mmseg VisionTransformer + ATMHead)."""
+def _release_keys(width: int, depth: int, grid: int, stages: int, layers: int, dim: int, classes: int,
+                  shrunk: bool = False) -> "OrderedDict[str, tuple[int, ...]]":
+    """Key -> shape of a SegViT release state_dict, in mmcv's order (mmseg VisionTransformer + ATMHead; Shrunk:
+    TPNATMHead = torch TransformerDecoder stages + a learnt query grid, and its ATMSingleHead under ``atm.``)."""
     keys: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     b = "backbone."
     keys[b + "cls_token"] = (1, 1, width)
@@ -63,30 +68,44 @@ def _release_keys(width: int, depth: int, grid: int, stages: int, layers: int, d
         keys[p + "ffn.layers.0.0.bias"] = (4 * width,)
         keys[p + "ffn.layers.1.weight"] = (width, 4 * width)
         keys[p + "ffn.layers.1.bias"] = (width,)
+    def decoder(p: str, torch_layer: bool) -> None:
+        keys[p + "self_attn.in_proj_weight"] = (3 * dim, dim)
+        keys[p + "self_attn.in_proj_bias"] = (3 * dim,)
+        keys[p + "self_attn.out_proj.weight"] = (dim, dim)
+        keys[p + "self_attn.out_proj.bias"] = (dim,)
+        if torch_layer:  # nn.TransformerDecoderLayer's own cross-attention
+            keys[p + "multihead_attn.in_proj_weight"] = (3 * dim, dim)
+            keys[p + "multihead_attn.in_proj_bias"] = (3 * dim,)
+            keys[p + "multihead_attn.out_proj.weight"] = (dim, dim)
+            keys[p + "multihead_attn.out_proj.bias"] = (dim,)
+        keys[p + "linear1.weight"] = (4 * dim, dim)
+        keys[p + "linear1.bias"] = (4 * dim,)
+        keys[p + "linear2.weight"] = (dim, 4 * dim)
+        keys[p + "linear2.bias"] = (dim,)
+        for n in (1, 2, 3):
+            keys[f"{p}norm{n}.weight"] = keys[f"{p}norm{n}.bias"] = (dim,)
+        if not torch_layer:  # ATM's Attention replaces it (q, k, v, proj)
+            for n in ("q", "k", "v", "proj"):
+                keys[f"{p}multihead_attn.{n}.weight"] = (dim, dim)
+                keys[f"{p}multihead_attn.{n}.bias"] = (dim,)
+
     h = "decode_head."
+    keys[h + "loss_decode.criterion.empty_weight"] = (classes + 1,)  # mmseg's BaseDecodeHead registers it first
     for s in range(1, stages + 1):
         keys[f"{h}input_proj_{s}.weight"] = (dim, width)
         keys[f"{h}input_proj_{s}.bias"] = (dim,)
         keys[f"{h}proj_norm_{s}.weight"] = keys[f"{h}proj_norm_{s}.bias"] = (dim,)
         for j in range(layers):
-            p = f"{h}decoder_{s}.layers.{j}."
-            keys[p + "self_attn.in_proj_weight"] = (3 * dim, dim)
-            keys[p + "self_attn.in_proj_bias"] = (3 * dim,)
-            keys[p + "self_attn.out_proj.weight"] = (dim, dim)
-            keys[p + "self_attn.out_proj.bias"] = (dim,)
-            keys[p + "linear1.weight"] = (4 * dim, dim)
-            keys[p + "linear1.bias"] = (4 * dim,)
-            keys[p + "linear2.weight"] = (dim, 4 * dim)
-            keys[p + "linear2.bias"] = (dim,)
-            for n in (1, 2, 3):
-                keys[f"{p}norm{n}.weight"] = keys[f"{p}norm{n}.bias"] = (dim,)
-            for n in ("q", "k", "v", "proj"):
-                keys[f"{p}multihead_attn.{n}.weight"] = (dim, dim)
-                keys[f"{p}multihead_attn.{n}.bias"] = (dim,)
+            decoder(f"{h}decoder_{s}.layers.{j}.", torch_layer=shrunk)
+    if shrunk:
+        keys[h + "q.weight"] = (grid * grid, dim)
+        h = "decode_head.atm."
+        keys[h + "loss_decode.criterion.empty_weight"] = (classes + 1,)
+        for j in range(layers):
+            decoder(f"{h}decoder_1.layers.{j}.", torch_layer=False)
     keys[h + "q.weight"] = (classes, dim)
     keys[h + "class_embed.weight"] = (classes + 1, dim)
     keys[h + "class_embed.bias"] = (classes + 1,)
-    keys[h + "loss_decode.criterion.empty_weight"] = (classes + 1,)
     return keys
 
 
@@ -107,7 +126,7 @@ def _release_state(seed: int = 0, **sizes) -> "OrderedDict[str, torch.Tensor]":
             v = 1 + 0.1 * r
         elif key.endswith(("bias", "cls_token", "pos_embed")):
             v = 0.1 * r
-        elif key == "decode_head.q.weight":
+        elif key in ("decode_head.q.weight", "decode_head.atm.q.weight"):
             v = r
         else:
             v = r / math.sqrt(math.prod(shape[1:]))
@@ -116,8 +135,9 @@ def _release_state(seed: int = 0, **sizes) -> "OrderedDict[str, torch.Tensor]":
             elif key.endswith(("self_attn.out_proj.weight", "multihead_attn.proj.weight", "linear2.weight")):
                 v = 0.3 * v
         state[key] = v.float().contiguous()
-    q = state["decode_head.q.weight"]
-    state["decode_head.class_embed.weight"][: q.shape[0]] = (q - q.mean(1, keepdim=True)) / q.std(1, keepdim=True)
+    h = "decode_head.atm." if "decode_head.atm.q.weight" in state else "decode_head."
+    q = state[h + "q.weight"]
+    state[h + "class_embed.weight"][: q.shape[0]] = (q - q.mean(1, keepdim=True)) / q.std(1, keepdim=True)
     return state
 
 
@@ -143,6 +163,12 @@ def release_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(release_file):
     return vocabseg.load_model(TINY, checkpoint=release_file)
+
+
+@pytest.fixture(scope="module")
+def shrunk_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("segvit") / "ade_shrunk_tiny.pth"
+    return vocabseg.load_model(SHRUNK, checkpoint=_write_release(path, _release_state(**TINY_KEYS, shrunk=True)))
 
 
 # ----------------------------------------------------------------------------------------------- the official steps
@@ -229,10 +255,13 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- tests
 
 
-def test_matches_official_code_fixture(model):
-    """Numbers computed by the official code on this test's own release file (see module docstring)."""
+@pytest.mark.parametrize("variant", ["plain", "shrunk"])
+def test_matches_official_code_fixture(variant, model, shrunk_model):
+    """Numbers computed by the official code on this test's own release files (see module docstring): a 64x80
+    image (2 windows, no resize) and a 50x70 one (resized to 64x90)."""
     ref = np.load(FIXTURE)
-    for key in ("a", "b"):
+    model = model if variant == "plain" else shrunk_model
+    for key in (("a", "b") if variant == "plain" else ("c", "d")):
         image, rows, logits, labels = ref[f"{key}_image"], ref[f"{key}_rows"], ref[f"{key}_logits"], ref[f"{key}_labels"]
         names = [ADE[i] for i in rows]
         result = model.predict(image, vocabulary=names)
