@@ -708,8 +708,8 @@ def _vit_tiny() -> ETRISReleaseConfig:
 
 def _resnet_tiny() -> ETRISReleaseConfig:
     """The ResNet release layout at reduced widths: ModifiedResNet (1, 1, 1, 1) of width 8 (4 pooling heads), text
-    12 blocks of width 32, 64 px."""
-    clip = CLIPConfig(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
+    12 blocks of width 32, 64 px; a 3×3 pooling table resized to the 2×2 map, as the release resizes 7×7 to 13×13."""
+    clip = CLIPConfig(embed_dim=32, image_resolution=96, vision_layers=(1, 1, 1, 1), vision_width=8,
                       vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=32,
                       transformer_heads=2, transformer_layers=12, vision_heads=4)
     return ETRISReleaseConfig(clip=clip, ladder_width=16, ladder_heads=2, strides=(2, 1, 2), neck_in=(64, 128, 32),
