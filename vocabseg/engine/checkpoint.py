@@ -319,3 +319,27 @@ def truncate_log(path: Path, iteration: int) -> None:
         except (json.JSONDecodeError, AttributeError):
             continue  # a line cut short by the kill
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def bundle_weights(final_weights: str | os.PathLike, out_path: str | os.PathLike,
+                   dtype: torch.dtype | None = torch.float16) -> dict[str, int]:
+    """Write a finished run's weights as they ship in ``vocabseg/weights``: every tensor outside ``clip.`` plus the
+    CLIP tensors the run trained (e.g. the image positional table), floats cast to ``dtype`` (None keeps them).
+    Loading needs the same frozen CLIP, which ``load_model`` takes from the model's bundled ``clip_weights``.
+    Returns tensor and byte counts."""
+    from safetensors.torch import load_file, save
+
+    from ..models import create_model
+
+    src = Path(final_weights)
+    meta = read_final_meta(src)
+    if "model" not in meta:
+        raise CheckpointError(f"{src}: expected a run's model_final.safetensors (with model_final.json beside it)")
+    model = create_model(meta["model"], **meta.get("model_overrides", {}))
+    trained_clip = {f"clip.{n}" for n, p in model.clip.named_parameters() if p.requires_grad}
+    state = load_file(str(src))
+    kept = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+            for k, v in state.items() if not k.startswith("clip.") or k in trained_clip}
+    info = {"format": "pt", "model": meta["model"], "iteration": str(meta.get("iteration", ""))}
+    atomic_write(Path(out_path), lambda f: f.write(save(kept, metadata=info)))
+    return {"tensors": len(kept), "bytes": Path(out_path).stat().st_size}

@@ -35,7 +35,7 @@ from torch import nn
 from ..clip.model import CLIP, CLIPConfig, config_for, resize_grid_embedding
 from ..errors import ConfigError
 from .base import OpenVocabModel
-from .default import DEFAULT_CLIP_WEIGHTS
+from .default import DEFAULT_CLIP_WEIGHTS, WEIGHTS_DIR
 from .registry import register_model
 from .weights import load_strict
 
@@ -504,8 +504,9 @@ def _segvit_world() -> SegViTConfig:
                         templates=WORLD_TEMPLATES, short_side=192, max_side=768, size_divisibility=32)
 
 
+# Trained by configs/world_compare_segvit.yaml (600 steps); shipped in fp16 by engine.checkpoint.bundle_weights.
 @register_model("segvit_world", "segvit", _segvit_world(),
                 "SegViT (ATM, open head) on the embedded default's small CLIP, for the generated world",
-                clip_weights=DEFAULT_CLIP_WEIGHTS)
+                weights=WEIGHTS_DIR / "segvit_world.safetensors", clip_weights=DEFAULT_CLIP_WEIGHTS)
 def segvit_world(cfg: SegViTConfig) -> SegViT:
     return SegViT(cfg)
