@@ -613,10 +613,9 @@ class GroupViT(OpenVocabModel):
         (token -> group 1 -> ... -> last group), resized bilinearly, arg-max (official inference)."""
         composed = None
         for _, soft in assignments:  # soft [B, G_i, N_i], normalised over G_i
-            t = soft.transpose(1, 2)  # [B, N_i, G_i]: composed token-major as the release does, so that the sums
-            composed = t if composed is None else composed @ t  # round alike (near-ties decide groups) [B, N_0, G_i]
-        b, g = composed.shape[0], composed.shape[2]
-        maps = composed.transpose(1, 2).reshape(b, g, grid[0], grid[1])
+            composed = soft if composed is None else soft @ composed  # [B, G_i, N_0]
+        b, g = composed.shape[:2]
+        maps = composed.reshape(b, g, grid[0], grid[1])
         if tuple(size) != tuple(grid):
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         return maps.argmax(dim=1)
