@@ -115,3 +115,12 @@ def test_large_models_state_dict_keys_round_trip(name):
     assert set(model.state_dict()) == set(other.state_dict())
     for k, v in model.state_dict().items():
         assert other.state_dict()[k].shape == v.shape
+
+
+def test_clip_weights_for_a_model_without_a_clip_is_a_one_line_error():
+    """Release models whose files hold everything (CLIMS's CAM network) refuse separate CLIP weights by name."""
+    from vocabseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="takes no separate CLIP weights") as err:
+        vocabseg.load_model("clims_resnet50_voc", clip="vocabseg/weights/default_clip.safetensors")
+    assert "\n" not in str(err.value)

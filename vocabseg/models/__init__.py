@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .registry import DEFAULT_MODEL, create_model, get_config, get_entry, list_models, register_model
 from .weights import load_strict
 from . import san  # noqa: F401  (registers SAN configs)
@@ -36,6 +36,9 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
     if bundled and entry.clip_weights is not None:
         clip = entry.clip_weights
     if clip is not None:
+        if not isinstance(getattr(model, "clip", None), torch.nn.Module):
+            raise ConfigError(f"model {name!r} takes no separate CLIP weights (clip=...): its checkpoint holds "
+                              f"everything it needs; pass checkpoint=... alone")
         clip_state = drop_non_weights(read_state_dict(clip, trust_jit=trust_jit))
         try:
             load_strict(model.clip, clip_state)
