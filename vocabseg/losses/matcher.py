@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .mask import dense_points, pairwise_bce_cost, pairwise_dice_cost, point_sample
@@ -74,6 +73,8 @@ class HungarianMatcher(nn.Module):
         self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]
     ) -> list[tuple[Tensor, Tensor]]:
         """Match ``outputs`` (``pred_logits [B,Q,K+1]``, ``pred_masks [B,Q,h,w]``) to per-image ``targets``."""
+        from scipy.optimize import linear_sum_assignment  # here, not at import: scipy.optimize costs ~0.5 s to load
+
         pred_logits: Tensor = outputs["pred_logits"]
         pred_masks: Tensor = outputs["pred_masks"]
         if len(targets) != pred_logits.shape[0]:
