@@ -151,6 +151,20 @@ def test_opencv4_affine_and_cubic_warp_are_bit_exact():
         assert np.abs(back - ref[f"q{k}"]).max() < 1e-5, k
 
 
+def test_opencv5_warp_option():
+    """OpenCV 5.x warps without the 1/32 quantisation (``opencv=5``): against opencv-python-headless 5.1.0."""
+    ref = np.load(DATA / "etris_release_opencv5.npz")
+    mean = [0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255]
+    for k in range(int(ref["n"])):
+        img = ref[f"img{k}"]
+        out = R.cv_warp_affine_cubic(img, ref[f"wmat{k}"], (64, 64), mean, opencv=5).astype(int)
+        diff = np.abs(out - ref[f"out{k}"])
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, k
+        assert (np.abs(R.cv_warp_affine_cubic(img, ref[f"wmat{k}"], (64, 64), mean) - ref[f"out{k}"]) > 1).any()
+        back = R.cv_warp_affine_cubic(ref[f"p{k}"], ref[f"winv{k}"], (img.shape[1], img.shape[0]), 0.0, opencv=5)
+        assert np.abs(back - ref[f"q{k}"]).max() < 1e-5, k
+
+
 def test_cubic_warp_identity_and_shift_are_exact():
     img = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
     eye = np.array([[1.0, 0, 0], [0, 1.0, 0]])
