@@ -208,6 +208,13 @@ def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep / (1.0 - p)
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ / √d)·v over [B, heads, N, d], written out as the release computes it (not a fused kernel):
+    the same float operations give the same soft assignments, and the group arg-max of a pixel where two groups
+    tie to 1e-8 then falls the same way as the official code's."""
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection."""
 
@@ -220,7 +227,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return self.proj(_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):
@@ -240,7 +247,7 @@ class CrossAttention(nn.Module):
         q = self.q_proj(query).view(b, n, h, c // h).transpose(1, 2)
         k = self.k_proj(key).view(b, s, h, c // h).transpose(1, 2)
         v = self.v_proj(key).view(b, s, h, c // h).transpose(1, 2)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return self.proj(_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
 class Block(nn.Module):
