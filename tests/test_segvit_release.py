@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import sys
-import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -234,8 +231,8 @@ def _official_window(sd: dict[str, torch.Tensor], x: torch.Tensor, cfg) -> torch
                    .reshape(1, -1, dh, dim // dh).transpose(1, 2) for n, z in (("q", q), ("k", m), ("v", m))}
             logits = lin["q"] @ lin["k"].transpose(-2, -1) * (dim // dh) ** -0.5
             att = (logits.softmax(-1) @ lin["v"]).transpose(1, 2).reshape(1, -1, dim)
-            q = F.layer_norm(q + F.linear(att, sd[p + "multihead_attn.proj.weight"], sd[p + "multihead_attn.proj.bias"]),
-                             (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+            att = F.linear(att, sd[p + "multihead_attn.proj.weight"], sd[p + "multihead_attn.proj.bias"])
+            q = F.layer_norm(q + att, (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
             ff = F.linear(F.relu(F.linear(q, sd[p + "linear1.weight"], sd[p + "linear1.bias"])),
                           sd[p + "linear2.weight"], sd[p + "linear2.bias"])
             q = F.layer_norm(q + ff, (dim,), sd[p + "norm3.weight"], sd[p + "norm3.bias"])
@@ -248,7 +245,8 @@ def _official_window(sd: dict[str, torch.Tensor], x: torch.Tensor, cfg) -> torch
 def _image(h: int, w: int, seed: int) -> np.ndarray:
     r = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([np.sin(y * r.uniform(0.05, 0.3) + x * r.uniform(0.05, 0.3) + r.uniform(0, 6)) for _ in range(3)], -1)
+    img = np.stack([np.sin(y * r.uniform(0.05, 0.3) + x * r.uniform(0.05, 0.3) + r.uniform(0, 6))
+                    for _ in range(3)], -1)
     return ((img + 1) * 120 + r.normal(0, 6, img.shape)).clip(0, 255).astype(np.uint8)
 
 
@@ -262,7 +260,8 @@ def test_matches_official_code_fixture(variant, model, shrunk_model):
     ref = np.load(FIXTURE)
     model = model if variant == "plain" else shrunk_model
     for key in (("a", "b") if variant == "plain" else ("c", "d")):
-        image, rows, logits, labels = ref[f"{key}_image"], ref[f"{key}_rows"], ref[f"{key}_logits"], ref[f"{key}_labels"]
+        image, rows = ref[f"{key}_image"], ref[f"{key}_rows"]
+        logits, labels = ref[f"{key}_logits"], ref[f"{key}_labels"]
         names = [ADE[i] for i in rows]
         result = model.predict(image, vocabulary=names)
         assert result.logits.shape == logits.shape

@@ -21,6 +21,11 @@ What the official test path does (``EncoderDecoder.slide_inference`` + ``ATMHead
    Σ_q softmax(class logits)[q, c] · sigmoid(mask_q) with the no-object column dropped (q = c: one query per class);
 5. bilinear (align_corners=False) to the original image size.
 
+Shrunk releases (``configs/segvit/shrink``): block 8 down-samples by using every other token of every other row as
+its queries (keys/values all tokens), a learnt (crop/16)^2 grid of queries decodes blocks 7 and 23 with torch
+``TransformerDecoderLayer`` stages (``TPNATMHead``), and one ATM stage reads that grid (``ATMSingleHead``: no
+projection, the mask is its last layer's).
+
 Deviations, only where the official code cannot run: an image whose resized short side is below the crop
 (aspect ratio above 3.2 for ADE) makes the official head reshape a non-square grid as a square and fail; here
 such a window is zero-padded (in normalised space, as mmseg's training ``Pad``) to a full crop and cut back.
@@ -28,7 +33,6 @@ such a window is zero-padded (in normalised space, as mmseg's training ``Pad``) 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -313,7 +317,7 @@ class SegViTRelease(nn.Module):
         logits, masks = self(crops)
         probs = logits.float().softmax(-1)[..., :-1][..., classes]  # [B, Q, K], no-object column dropped
         size = (self.config.crop, self.config.crop)
-        masks = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False).sigmoid()
+        masks = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False).sigmoid_()
         return torch.einsum("bqk,bqhw->bkhw", probs, masks)
 
     # -- inference (the Predictor calls text_embeddings, prepare, infer) ----------------------------------------
@@ -512,7 +516,8 @@ def vocabseg_to_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         if key.startswith("head."):
             key = key.replace("head.", "decode_head.", 1)
-            for pattern, repl in ((r"decode_head\.queries$", "q.weight"), (r"decode_head\.class_embed\.", "class_embed.")):
+            for pattern, repl in ((r"decode_head\.queries$", "q.weight"),
+                                  (r"decode_head\.class_embed\.", "class_embed.")):
                 if re.match(pattern, key):
                     out[head + re.sub(pattern, repl, key, count=1)] = value
                     break
