@@ -381,7 +381,7 @@ def _assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], allow_mi
 # ----------------------------------------------------------------------------------------------- release key map
 
 # Release name (regex, after "net.") -> our name. Every tensor of the file is mapped or dropped by _DROPPED.
-_KEY_MAP: list[tuple[str, str]] = [
+_KEY_MAP: list[tuple[str, Any]] = [
     (r"pretrained\.model\.patch_embed\.proj\.", "encoder.patch_embed."),
     (r"pretrained\.model\.(cls_token|pos_embed)$", r"encoder.\1"),
     (r"pretrained\.model\.blocks\.", "encoder.blocks."),
