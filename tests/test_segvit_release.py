@@ -326,7 +326,8 @@ def test_loads_without_copying(release_file):
 
 
 def test_full_size_layout_matches_release():
-    """ade_54.6.pth: 506 tensors, 344.3 M values; every one maps onto the registered model (meta device)."""
+    """ade_54.6.pth: 506 tensors, 344.3 M values; every one maps onto the registered model (meta device); the
+    COCO-Stuff, Context and Shrunk layouts too."""
     keys = _release_keys(width=1024, depth=24, grid=40, stages=3, layers=3, dim=512, classes=150)
     assert len(keys) == 506 and abs(sum(math.prod(s) for s in keys.values()) - 344.3e6) < 0.05e6
     with torch.device("meta"):
@@ -346,6 +347,16 @@ def test_full_size_layout_matches_release():
         own = m.state_dict()
         assert sorted(mapped) == sorted(own) and all(mapped[k].shape == own[k].shape for k in own)
         assert len(m.class_names) == classes
+    # ade_shrunk_53.9.pth: TPN (2 stages, 1,600 grid queries) + ATM under decode_head.atm: 480 tensors, 344.6 M
+    keys = _release_keys(width=1024, depth=24, grid=40, stages=2, layers=3, dim=512, classes=150, shrunk=True)
+    assert len(keys) == 480 and abs(sum(math.prod(s) for s in keys.values()) - 344.6e6) < 0.05e6
+    with torch.device("meta"):
+        state = {k: torch.empty(s) for k, s in keys.items()}
+        m = create_model("segvit_vit_large_16_ade_shrunk")
+    mapped, own = segvit_from_release(state, m.config), m.state_dict()
+    assert sorted(mapped) == sorted(own) and all(mapped[k].shape == own[k].shape for k in own)
+    with pytest.raises(CheckpointError, match="Shrunk"):  # a Shrunk file given to the plain model
+        segvit_from_release(state, get_config("segvit_vit_large_16_ade"))
 
 
 def test_wrong_files_are_one_line_errors(tmp_path, release_file):
