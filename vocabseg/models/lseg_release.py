@@ -269,8 +269,6 @@ class LSegRelease(OpenVocabModel):
         from ..io import load_image
 
         self.materialize()
-        if self.config.geometry == "vocabseg" and not multi_scale:
-            return super().predict(image, vocabulary)
         names = parse_vocabulary(vocabulary)
         rgb = load_image(image)
         return self.predict_array(rgb, names, self.text_embeddings(names), multi_scale=multi_scale, scales=scales,
@@ -279,20 +277,24 @@ class LSegRelease(OpenVocabModel):
     @torch.inference_mode()
     def predict_array(self, rgb: np.ndarray, names: list[str], text_embeddings: torch.Tensor,
                       multi_scale: bool = False, **options: Any) -> "Segmentation":  # noqa: F821
-        """Segment an H×W×3 uint8 array with precomputed text embeddings [C, D] in the release's geometry."""
+        """Segment an H×W×3 uint8 array with precomputed text embeddings [C, D] in the config's geometry."""
         from ..postprocess import labels_and_confidence
         from ..predict import Segmentation
 
-        scores = self.release_scores(rgb, text_embeddings, multi_scale=multi_scale, force=True, **options)
+        scores = self.release_scores(rgb, text_embeddings, multi_scale=multi_scale, **options)
+        if scores is None:  # the generic geometry: the Predictor's own path
+            from ..predict import Predictor
+
+            return Predictor(self).predict_array(rgb, names, text_embeddings)
         labels, conf = labels_and_confidence(scores)
         return Segmentation(rgb, names, labels, conf, scores)
 
     @torch.inference_mode()
     def release_scores(self, rgb: np.ndarray, text_embeddings: torch.Tensor, multi_scale: bool = False,
-                       force: bool = False, **options: Any) -> "AlignedScores | None":
+                       **options: Any) -> "AlignedScores | None":
         """Scores of an H×W×3 uint8 image in the official geometry (what ``Predictor`` uses for this model), or
         None under the generic geometry (``geometry="vocabseg"``), which the Predictor then runs itself."""
-        if self.config.geometry != "release" and not (multi_scale or force):
+        if self.config.geometry != "release" and not multi_scale:
             return None
         self.eval().materialize()
         x = self.normalize_rgb(rgb)
