@@ -209,6 +209,17 @@ def test_refer_matches_official_code(tmp_path, name):
     assert np.abs(alone.probability - ref[f"{kind}_prob2_2"]).max() < 2e-3
 
 
+def test_word_len_override_matches_official(tmp_path):
+    """word_len is not in the file and changes the outputs (RefCOCOg releases: 22); the override reproduces the
+    official code run with that word_len."""
+    ref = np.load(DATA / "etris_release_official.npz")
+    name = "etris_release_vit_tiny_test"
+    model = vocabseg.load_model(name, checkpoint=write_release(tmp_path / "best_model.pth", name), word_len=12)
+    for j, r in enumerate(model.refer_batch([test_image(0)] * len(SENTENCES), SENTENCES)):
+        assert np.abs(r.probability - ref[f"vit_wl12_prob0_{j}"]).max() < 2e-3, j
+    assert np.abs(ref["vit_wl12_prob0_0"] - ref["vit_prob0_0"]).max() > 0.05  # it matters
+
+
 def test_word_len_and_padding_semantics():
     model = create_model("etris_release_vit_tiny_test").eval()
     tokens = model.tokenize(["a b c d e f g h i j k l m n", "left!! guy"])
