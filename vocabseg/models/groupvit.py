@@ -535,10 +535,14 @@ class GroupViT(OpenVocabModel):
 
     # -- housekeeping ------------------------------------------------------------------------------------------
     def register_pixel_statistics(self) -> None:
-        """The model's own mean/std (× 255): ImageNet's for the release, CLIP's for models trained on the world."""
-        mean, std = torch.tensor(self.config.pixel_mean), torch.tensor(self.config.pixel_std)
-        self.register_buffer("pixel_mean", mean.view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("pixel_std", std.view(1, 3, 1, 1) * 255, persistent=False)
+        """The model's own mean/std (× 255): ImageNet's for the release, CLIP's for models trained on the world.
+
+        Scaled in float64, then rounded: 255 · 0.224 in float32 is one ulp off the release's 57.12, enough to move
+        a pixel whose two best groups tie to 1e-8."""
+        mean = torch.tensor(self.config.pixel_mean, dtype=torch.float64) * 255
+        std = torch.tensor(self.config.pixel_std, dtype=torch.float64) * 255
+        self.register_buffer("pixel_mean", mean.float().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", std.float().view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> "GroupViT":
         """The text tower (its projection has BatchNorm) follows ``mode`` only while it is trainable."""
