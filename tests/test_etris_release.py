@@ -165,6 +165,18 @@ def test_opencv5_warp_option():
         assert np.abs(back - ref[f"q{k}"]).max() < 1e-5, k
 
 
+def test_opencv_setting_resolution(monkeypatch):
+    import sys
+    import types
+
+    model = create_model("etris_release_vit_tiny_test", opencv=0)
+    monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(__version__="5.1.0"))
+    assert model.opencv == 5
+    monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(__version__="4.10.0"))
+    assert model.opencv == 4
+    assert create_model("etris_release_vit_tiny_test").opencv == 4  # default: the releases' OpenCV
+
+
 def test_cubic_warp_identity_and_shift_are_exact():
     img = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
     eye = np.array([[1.0, 0, 0], [0, 1.0, 0]])

@@ -295,7 +295,9 @@ class ETRISReleaseConfig:
     threshold: float = 0.35
     border: tuple[float, float, float] = field(default_factory=_mean_border)  # warpAffine borderValue (CLIP mean)
     clip_probability: bool = False  # the official map is not clipped (about -0.07..1.09); True clips to [0, 1]
-    opencv: int = 4  # whose cv2.warpAffine the letterbox reproduces: 4 (the releases' numbers) or 5 (OpenCV 5.x)
+    # whose cv2.warpAffine the two warps reproduce: 4 (OpenCV 4.x, what the released numbers were computed with),
+    # 5 (OpenCV 5.x, e.g. today's pip opencv-python), 0 (the installed cv2's major version, else 4)
+    opencv: int = 4
 
     @property
     def is_vit(self) -> bool:
@@ -580,13 +582,28 @@ class ETRISRelease(OpenVocabModel):
         return {"mask_logits": self.projector(x, sentence)}
 
     # -- the official test path ------------------------------------------------------------------------------------
+    @property
+    def opencv(self) -> int:
+        """The OpenCV major version whose warps are reproduced (resolves ``opencv=0``)."""
+        v = self.config.opencv
+        if v == 0:
+            try:
+                import cv2  # optional: only read for its version
+
+                return 5 if int(str(cv2.__version__).split(".")[0]) >= 5 else 4
+            except Exception:  # noqa: BLE001 - not installed or unusable: the releases' OpenCV
+                return 4
+        if v not in (4, 5):
+            raise ConfigError(f"opencv must be 4, 5 or 0 (follow the installed cv2), got {v}")
+        return v
+
     def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """H×W×3 uint8 RGB -> normalised [1, 3, S, S] (centred cubic letterbox, mean-colour border) and the inverse
         matrix that maps the S×S prediction back to the image."""
         s = self.config.input_size
         mat, inv = letterbox_matrices(image.shape[0], image.shape[1], s)
         boxed = cv_warp_affine_cubic(np.ascontiguousarray(image, np.uint8), mat, (s, s), self.config.border,
-                                     self.config.opencv)
+                                     self.opencv)
         x = torch.from_numpy(boxed).to(self.device).permute(2, 0, 1)[None].float()
         return (x / 255.0 - self.image_mean) / self.image_std, inv
 
@@ -599,7 +616,7 @@ class ETRISRelease(OpenVocabModel):
         out = []
         for i, (inv, (h, w)) in enumerate(zip(inverses, sizes)):
             p = cv_warp_affine_cubic(prob[i, 0].cpu().numpy().astype(np.float32), inv, (w, h), 0.0,
-                                     self.config.opencv)
+                                     self.opencv)
             out.append(np.clip(p, 0.0, 1.0) if self.config.clip_probability else p)
         return out
 
