@@ -65,6 +65,8 @@ def test_bad_arguments_are_one_line_errors():
         compare(EXAMPLE, WORDS, [])
     with pytest.raises(VocabularyError, match="vocabulary"):
         compare(EXAMPLE, [], ["default"])
+    with pytest.raises(ConfigError, match="cams model"):
+        compare(EXAMPLE, WORDS, ["clims_resnet50_voc"])
 
 
 def test_command_line_writes_the_picture(tmp_path):

@@ -69,9 +69,12 @@ def compare(image: Any, vocabulary: Sequence[str] | str, models: Sequence[Any],
         name = _model_name(spec)
         if isinstance(spec, str):
             task = get_entry(name).task
+            if task not in ("semantic", "closed_set", "referring"):
+                raise ConfigError(f"{name} is a {task} model, which compare does not draw; compare models that "
+                                  f"segment a vocabulary or a sentence")
             if task == "referring" and not sentence:
                 raise VocabularyError(f"{name} segments what a sentence refers to: pass a sentence (--sentence)")
-            if task == "semantic" and not names:
+            if task != "referring" and not names:
                 raise VocabularyError(f"{name} needs a vocabulary: pass --vocab \"cat, grass, sky\"")
             model = load_model(name, checkpoint=checkpoints.get(name))
         else:
