@@ -312,6 +312,8 @@ def test_vocabulary_names_and_errors(model):
     msg = str(e.value)
     assert "'red circle'" in msg and "ade150.txt" in msg and "class_names" in msg and "\n" not in msg
     assert model.class_names == ADE
+    # mmseg's own names of the release's classes (its files' meta CLASSES) are accepted too
+    assert model.text_embeddings(["windowpane", "window", "ashcan"]).tolist() == [8, 8, 138]
 
 
 def test_loads_without_copying(release_file):

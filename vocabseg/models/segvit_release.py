@@ -88,6 +88,16 @@ def class_names(config: SegViTReleaseConfig) -> list[str]:
     return (["background"] + names) if extra == "background" else names
 
 
+# The names mmseg's datasets give the classes the releases were trained with (their files' meta CLASSES), where
+# they differ from ours: accepted too, so a user of the original code can keep their names.
+MMSEG_NAMES = {
+    "ade150": {"bed ": 7, "windowpane": 8, "bathtub": 37, "railing": 38, "streetlight": 87,
+               "television receiver": 89, "airplane": 90, "apparel": 92, "swimming pool": 109, "waterfall": 113,
+               "ashcan": 138},
+    "pascal_context59+background": {"table": 50},
+}
+
+
 # ----------------------------------------------------------------------------------------------- preprocessing
 
 
@@ -329,6 +339,8 @@ class SegViTRelease(nn.Module):
         for i, n in enumerate(names):  # "road, route" also answers to "road" and to "route"
             for part in n.split(","):
                 synonyms.setdefault(part.strip(), set()).add(i)
+        for n, i in MMSEG_NAMES.get(self.config.classes, {}).items():
+            synonyms.setdefault(n.strip(), set()).add(i)
         rows = []
         for name in vocabulary:
             key = name.strip()
