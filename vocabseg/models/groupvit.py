@@ -624,9 +624,10 @@ class GroupViT(OpenVocabModel):
         (token -> group 1 -> ... -> last group), resized bilinearly, arg-max (official inference)."""
         composed = None
         for _, soft in assignments:  # soft [B, G_i, N_i], normalised over G_i
-            composed = soft if composed is None else soft @ composed  # [B, G_i, N_0]
-        b, g = composed.shape[:2]
-        maps = composed.reshape(b, g, grid[0], grid[1])
+            t = soft.transpose(1, 2)  # [B, N_i, G_i]: token-major, the release's order of the same products
+            composed = t if composed is None else composed @ t  # [B, N_0, G_i] (bit-identical to the release's)
+        b, g = composed.shape[0], composed.shape[2]
+        maps = composed.transpose(1, 2).reshape(b, g, grid[0], grid[1])
         if tuple(size) != tuple(grid):
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         return maps.argmax(dim=1)
