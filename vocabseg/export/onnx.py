@@ -367,7 +367,8 @@ def export_image_model(model: nn.Module, path: str | os.PathLike, opset: int = D
     try:
         wrapper = image_export_module(model).eval()
         m = input_multiple(model)
-        h, w = sample_size if sample_size is not None else (3 * m, 5 * m)
+        unit = m * -(-16 // m)  # the smallest multiple of m of at least 16 px (release models without padding: m = 1)
+        h, w = sample_size if sample_size is not None else (3 * unit, 5 * unit)
         if h % m or w % m:
             raise ValueError(f"sample_size {(h, w)} must be multiples of {m}")
         device = next(model.parameters()).device
