@@ -126,7 +126,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def _torch_load(path: Path) -> object:
+def _torch_load(path: Path, expected: str = "a weights file") -> object:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
@@ -137,7 +137,7 @@ def _torch_load(path: Path) -> object:
             # inert placeholders; anything else (a pickled model, os.system...) is refused without running it
             from ..checkpoint_io import safe_torch_load
 
-            return safe_torch_load(path, expected="a weights file")
+            return safe_torch_load(path, expected=expected)
         raise CheckpointError(f"Checkpoint file {path} is truncated or corrupt ({_first_line(e)}).") from e
     except (EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"Checkpoint file {path} is truncated or corrupt (unexpected end of data).") from e
@@ -148,7 +148,7 @@ def _torch_load(path: Path) -> object:
             f"Checkpoint file {path} could not be read by torch.load ({_first_line(e)}).") from e
 
 
-def _read_zip(path: Path, trust_jit: bool) -> object:
+def _read_zip(path: Path, trust_jit: bool, expected: str = "a weights file") -> object:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -172,7 +172,7 @@ def _read_zip(path: Path, trust_jit: bool) -> object:
             raise CheckpointError(
                 f"Checkpoint file {path} is a TorchScript archive that could not be loaded ({_first_line(e)}).") from e
     if any(n.endswith("data.pkl") for n in names):
-        return _torch_load(path)
+        return _torch_load(path, expected)
     raise CheckpointError(f"Checkpoint file {path} is a zip archive but not a PyTorch checkpoint (no data.pkl inside).")
 
 
@@ -204,7 +204,8 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_checkpoint(path: PathLike, trust_jit: bool) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+def _read_checkpoint(path: PathLike, trust_jit: bool, expected: str = "a weights file"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
     """Tensors, safetensors metadata (empty for other formats) and the resolved path."""
     path = Path(os.fspath(path)).expanduser()
     size = _check_file(path)
@@ -213,9 +214,9 @@ def _read_checkpoint(path: PathLike, trust_jit: bool) -> tuple[dict[str, torch.T
         tensors, metadata = _read_safetensors(path)
         return _unwrap(tensors, path), metadata, path
     if kind == "zip":
-        obj = _read_zip(path, trust_jit)
+        obj = _read_zip(path, trust_jit, expected)
     elif kind == "pickle":
-        obj = _torch_load(path)
+        obj = _torch_load(path, expected)
     elif kind == "text":
         raise CheckpointError(f"Checkpoint file {path} is a text file (JSON, YAML or HTML?), not a weights file.")
     else:
@@ -225,14 +226,15 @@ def _read_checkpoint(path: PathLike, trust_jit: bool) -> tuple[dict[str, torch.T
     return _unwrap(obj, path), {}, path
 
 
-def read_state_dict(path: PathLike, trust_jit: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: PathLike, trust_jit: bool = False,
+                    expected: str = "a weights file") -> dict[str, torch.Tensor]:
     """The tensors stored in a checkpoint file, whatever its format, with containers and DDP prefixes removed.
 
     Plain files are read with ``torch.load(weights_only=True)``; a TorchScript archive is only opened when
     ``trust_jit`` is true because loading it executes code from the file. Raises :class:`CheckpointError`
     with a one-line message for any unusable file.
     """
-    return _read_checkpoint(path, trust_jit)[0]
+    return _read_checkpoint(path, trust_jit, expected)[0]
 
 
 # ----------------------------------------------------------------------------------------------- architecture

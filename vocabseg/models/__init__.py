@@ -47,7 +47,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
     if bundled:
         checkpoint = entry.weights
     if checkpoint is not None:
-        state = read_state_dict(checkpoint, trust_jit=trust_jit)
+        state = read_state_dict(checkpoint, trust_jit=trust_jit, expected=f"a {name} checkpoint")
         try:
             model.load_checkpoint_state(state, allow_missing_clip=clip is not None)
         except CheckpointError as e:
