@@ -505,21 +505,9 @@ def train_referring(config: ReferringTrainConfig | Mapping[str, Any] | str | os.
 
 
 def bundle_referring_weights(final_weights: str | os.PathLike, out_path: str | os.PathLike) -> dict[str, int]:
-    """Write a trained run's weights without the frozen CLIP (what ships in ``vocabseg/weights``): every tensor
-    outside ``clip.`` plus the CLIP tensors the run trained (the image positional table). Loading it needs the
-    same CLIP (``load_model`` passes the model's bundled ``clip_weights``). Returns tensor and byte counts."""
-    from safetensors.torch import load_file, save
-
-    from ..models import create_model
-
+    """Write a trained referring run's weights as they ship in ``vocabseg/weights`` (fp32, without the frozen CLIP:
+    :func:`vocabseg.engine.checkpoint.bundle_weights`). Returns tensor and byte counts."""
     src = Path(final_weights)
-    meta = ckpt.read_final_meta(src)
-    if meta.get("task") != "referring" or "model" not in meta:
+    if ckpt.read_final_meta(src).get("task") != "referring":
         raise ConfigError(f"{src}: expected model_final.safetensors of a referring run (model_final.json beside it)")
-    model = create_model(meta["model"])
-    trained_clip = {f"clip.{n}" for n, p in model.clip.named_parameters() if p.requires_grad}
-    state = load_file(str(src))
-    kept = {k: v.contiguous() for k, v in state.items() if not k.startswith("clip.") or k in trained_clip}
-    info = {"format": "pt", "model": meta["model"], "iteration": str(meta.get("iteration", ""))}
-    ckpt.atomic_write(Path(out_path), lambda f: f.write(save(kept, metadata=info)))
-    return {"tensors": len(kept), "bytes": Path(out_path).stat().st_size}
+    return ckpt.bundle_weights(src, out_path, dtype=None)
