@@ -44,6 +44,7 @@ from .base import OpenVocabModel
 from .lseg import FusionBlock, Reassemble
 from .registry import register_model
 from .vit import PlainViT, PlainViTConfig
+from .weights import assign_strict
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -322,7 +323,7 @@ class LSegRelease(OpenVocabModel):
                 f"not an LSeg release (a lang-seg Lightning checkpoint whose state_dict holds net.pretrained.*, "
                 f"net.scratch.* and net.clip_pretrained.*) nor a vocabseg {self.model_name or 'lseg_release'} state "
                 f"dict; its tensors are named like {shown}")
-        _assign_strict(self, state, allow_missing_prefix="clip." if allow_missing_clip else None)
+        assign_strict(self, state, allow_missing_prefix="clip." if allow_missing_clip else None)
         self._deferred = False
 
 
@@ -353,31 +354,6 @@ class AlignedScores:
         if wc != wo:
             m = F.interpolate(m, size=wo, mode="linear", align_corners=True)
         return m
-
-
-def _assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], allow_missing_prefix: str | None) -> None:
-    """``load_state_dict(assign=True)`` after naming missing, unexpected and wrongly shaped tensors in one line."""
-    own = model.state_dict(keep_vars=True)
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not (allow_missing_prefix and k.startswith(allow_missing_prefix))]
-    wrong = [f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-             for k, v in state.items() if k in own and v.shape != own[k].shape]
-    problems = wrong[:2]
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-    if missing:
-        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
-    if problems:
-        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems[:4]))
-    fixed = {}
-    for k, v in state.items():
-        target = own[k]
-        if v.is_floating_point() and v.dtype != target.dtype and target.dtype != torch.float64:
-            v = v.to(target.dtype)  # the release's fp16 CLIP tensors -> fp32
-        fixed[k] = v
-    if allow_missing_prefix:
-        fixed.update({k: v for k, v in own.items() if k not in fixed})
-    model.load_state_dict(fixed, strict=True, assign=True)
 
 
 # ----------------------------------------------------------------------------------------------- release key map

@@ -45,6 +45,7 @@ from torch import nn
 from ..errors import CheckpointError, VocabularyError
 from .registry import register_model
 from .vit import PlainViT, PlainViTConfig
+from .weights import assign_strict
 
 __all__ = ["SegViTReleaseConfig", "SegViTRelease", "segvit_from_release", "vocabseg_to_release",
            "release_resize_size", "class_names"]
@@ -398,21 +399,7 @@ class SegViTRelease(nn.Module):
         a memory-mapped 1.4 GB release is then never held twice."""
         if any(k.startswith(("backbone.layers.", "decode_head.")) for k in state):
             state = segvit_from_release(state, self.config)
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]
-        problems = wrong[:2]
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-        if missing:
-            problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
-        if problems:
-            raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
-        dtype = own["head.queries"].dtype
-        self.load_state_dict({k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()},
-                             strict=True, assign=True)
+        assign_strict(self, state)
 
 
 # ----------------------------------------------------------------------------------------------- release key map

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
+
+
+def check_state_matches(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                        allow_missing_prefix: str | None = None) -> None:
+    """Raise one CheckpointError line naming wrongly shaped, unexpected and missing tensors of ``state`` against a
+    model's state dict ``own`` (tensors under ``allow_missing_prefix`` may be missing)."""
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not (allow_missing_prefix and k.startswith(allow_missing_prefix))]
+    problems = [f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+                for k, v in state.items() if k in own and v.shape != own[k].shape][:2]
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems[:4]))
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], allow_missing_prefix: str | None = None) -> None:
@@ -16,27 +33,26 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], allow_missing_
     Positional embeddings whose grid differs (e.g. CLIP's 197-token table) are resized to the model's grid.
     """
     own = model.state_dict()
-    problems = []
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not (allow_missing_prefix and k.startswith(allow_missing_prefix))]
     fixed = {}
     for k, v in state.items():
-        if k not in own:
-            continue
-        if v.shape != own[k].shape:
-            v2 = _resize_positional(k, v, own[k].shape)
-            if v2 is None:
-                problems.append(f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-                continue
-            v = v2
+        if k in own and v.shape != own[k].shape:
+            resized = _resize_positional(k, v, own[k].shape)
+            v = v if resized is None else resized  # unresizable: reported by the check below
         fixed[k] = v
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-    if missing:
-        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
-    if problems:
-        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems[:4]))
+    check_state_matches(own, fixed, allow_missing_prefix)
     model.load_state_dict(fixed, strict=False)
+
+
+def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], allow_missing_prefix: str | None = None) -> None:
+    """``load_state_dict(assign=True)`` after :func:`check_state_matches`: the model takes the given tensors (e.g.
+    memory-mapped from a release file) instead of copying them, so a large file is never held twice. Floating
+    tensors are cast to the model's dtype (fp16 release tensors become fp32); allowed missing ones keep the model's."""
+    own = model.state_dict(keep_vars=True)
+    check_state_matches(own, state, allow_missing_prefix)
+    fixed = {k: (v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v)
+             for k, v in state.items()}
+    fixed.update({k: v for k, v in own.items() if k not in fixed})
+    model.load_state_dict(fixed, strict=True, assign=True)
 
 
 def _resize_positional(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
