@@ -373,6 +373,20 @@ class ReferringResult:
         return overlay(self.image, labels, [self.sentence], alpha=alpha, legend=legend)
 
 
+def read_referring_inputs(images: Sequence[Any], sentences: Sequence[str]) -> list[np.ndarray]:
+    """The images of (image, sentence) pairs as H×W×3 uint8 arrays, after checking the pairs: as many sentences as
+    images (ValueError) and none empty (a one-line VocabularyError)."""
+    from ..errors import VocabularyError
+    from ..io import load_image
+
+    if len(images) != len(sentences):
+        raise ValueError(f"{len(images)} images but {len(sentences)} sentences")
+    for s in sentences:
+        if not isinstance(s, str) or not s.strip():
+            raise VocabularyError("a referring expression must be a non-empty sentence")
+    return [load_image(im) for im in images]
+
+
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """H×W×3 uint8 -> float32 [size, size, 3] in 0..255: long side resized to ``size`` (PIL bilinear), padded at the
     bottom/right with CLIP's mean colour (0 after normalisation). Also returns the (h, w) of the image inside."""
@@ -512,19 +526,10 @@ class ETRIS(OpenVocabModel):
     def refer_batch(self, images: Sequence[Any], sentences: Sequence[str], threshold: float | None = None
                     ) -> list[ReferringResult]:
         """Several (image, sentence) pairs in one forward; each result at its image's own resolution."""
-        from ..io import load_image
-
-        if len(images) != len(sentences):
-            raise ValueError(f"{len(images)} images but {len(sentences)} sentences")
-        if not len(images):
+        rgbs = read_referring_inputs(images, sentences)
+        if not rgbs:
             return []
-        for s in sentences:
-            if not isinstance(s, str) or not s.strip():
-                from ..errors import VocabularyError
-
-                raise VocabularyError("a referring expression must be a non-empty sentence")
         threshold = self.config.threshold if threshold is None else float(threshold)
-        rgbs = [load_image(im) for im in images]
         prepared = [self.prepare(rgb) for rgb in rgbs]
         pixels = torch.cat([p for p, _ in prepared])
         logits = self.forward(pixels, self.tokenize(list(sentences)))["mask_logits"].float()

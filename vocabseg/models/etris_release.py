@@ -33,7 +33,7 @@ from torch import nn
 from ..clip.model import CLIP, CLIPConfig, OPENAI_MEAN, OPENAI_STD, config_for
 from ..errors import CheckpointError, ConfigError
 from .base import OpenVocabModel
-from .etris import GlobalAlignment, Projector, ReferringResult
+from .etris import GlobalAlignment, Projector, ReferringResult, read_referring_inputs
 from .registry import register_model
 from .weights import load_strict
 
@@ -624,18 +624,10 @@ class ETRISRelease(OpenVocabModel):
     def refer_batch(self, images: Sequence[Any], sentences: Sequence[str], threshold: float | None = None
                     ) -> list[ReferringResult]:
         """Several (image, sentence) pairs; each result at its image's own resolution."""
-        from ..errors import VocabularyError
-        from ..io import load_image
-
-        if len(images) != len(sentences):
-            raise ValueError(f"{len(images)} images but {len(sentences)} sentences")
-        if not len(images):
+        rgbs = read_referring_inputs(images, sentences)
+        if not rgbs:
             return []
-        for s in sentences:
-            if not isinstance(s, str) or not s.strip():
-                raise VocabularyError("a referring expression must be a non-empty sentence")
         threshold = self.config.threshold if threshold is None else float(threshold)
-        rgbs = [load_image(im) for im in images]
         prepared = [self.prepare(rgb) for rgb in rgbs]
         pixels = torch.cat([p for p, _ in prepared])
         logits = self.forward(pixels, self.tokenize(list(sentences)))["mask_logits"]
