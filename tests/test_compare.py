@@ -79,3 +79,19 @@ def test_command_line_writes_the_picture(tmp_path):
     res = subprocess.run([sys.executable, "-m", "vocabseg", "compare", EXAMPLE, "--vocab", "a",
                           "--models", "no_such_model", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "unknown model" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bundled_world_models_compare_out_of_the_box():
+    """default, segvit_world and lseg_world ship their weights: no random-initialisation warning, and each one
+    finds the bundled drawing's red circle (its panel is red where the circle is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "has no checkpoint: randomly initialised" would fail here
+        picture = compare(EXAMPLE, WORDS, ["default", "segvit_world", "lseg_world"], panel_width=256)
+    panels = _panels(picture, 4, 256)
+    source = panels[0].astype(int)
+    circle = (source[..., 0] > 180) & (source[..., 1] < 60) & (source[..., 2] < 60)  # the drawing's red disc
+    assert circle.sum() > 500
+    red = tuple(int(v) for v in palette_for(WORDS)[0])
+    for panel in panels[1:]:
+        near = np.abs(panel.astype(int) - np.array(red)).sum(-1) < 60
+        assert (near & circle).sum() > 0.6 * circle.sum()

@@ -30,7 +30,7 @@ from torch import nn
 from ..clip.model import CLIP, CLIPConfig, config_for
 from ..errors import ConfigError
 from .base import OpenVocabModel
-from .default import DEFAULT_CLIP_WEIGHTS
+from .default import DEFAULT_CLIP_WEIGHTS, WEIGHTS_DIR
 from .registry import register_model
 from .segvit import used_visual_parameters
 from .weights import load_strict
@@ -304,8 +304,9 @@ def _lseg_world() -> LSegConfig:
                       features=64, templates=WORLD_TEMPLATES, short_side=192, max_side=768, size_divisibility=32)
 
 
+# Trained by configs/lseg_world.yaml (300 steps); shipped in fp16 by engine.checkpoint.bundle_weights.
 @register_model("lseg_world", "lseg", _lseg_world(),
                 "LSeg (DPT decoder) on the embedded default's small CLIP, for the generated world",
-                clip_weights=DEFAULT_CLIP_WEIGHTS)
+                weights=WEIGHTS_DIR / "lseg_world.safetensors", clip_weights=DEFAULT_CLIP_WEIGHTS)
 def lseg_world(cfg: LSegConfig) -> LSeg:
     return LSeg(cfg)
