@@ -414,7 +414,26 @@ def letterbox_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-class ETRIS(OpenVocabModel):
+class SentenceModel(OpenVocabModel):
+    """What both ETRIS models (ours and the release) share on the text side: they read one sentence cut at
+    ``config.word_len`` tokens, not a class vocabulary."""
+
+    def tokenize(self, sentences: str | Sequence[str]) -> torch.Tensor:
+        """Token ids [N, word_len] (as the release's ``tokenize(s, word_len, truncate=True)``: EOT last when cut,
+        0 padding), on the model's device."""
+        from ..clip.tokenizer import tokenize
+
+        return tokenize(sentences, context_length=self.config.word_len, truncate=True).to(self.device)
+
+    def text_embeddings(self, vocabulary):  # noqa: D102 - not a class-vocabulary model
+        raise NotImplementedError("ETRIS embeds sentences itself: call model.refer(image, sentence)")
+
+    def predict(self, image, vocabulary, **kwargs):  # noqa: D102
+        raise NotImplementedError("ETRIS is a referring model (one sentence -> one mask): use model.refer(image, "
+                                  "sentence) or `vocabseg refer IMAGE \"sentence\"`")
+
+
+class ETRIS(SentenceModel):
     """Frozen CLIP + Bridgers + hierarchical/global alignment decoder + dynamic-kernel projector."""
 
     def __init__(self, config: ETRISConfig):
@@ -439,20 +458,6 @@ class ETRIS(OpenVocabModel):
             keep.append("positional_embedding")
         self.freeze_clip(keep=tuple(keep))
         self.register_pixel_statistics()
-
-    # -- text ----------------------------------------------------------------------------------------------------
-    def tokenize(self, sentences: str | Sequence[str]) -> torch.Tensor:
-        """Token ids [N, word_len] (truncated sentences keep EOT last), on the model's device."""
-        from ..clip.tokenizer import tokenize
-
-        return tokenize(sentences, context_length=self.config.word_len, truncate=True).to(self.device)
-
-    def text_embeddings(self, vocabulary):  # noqa: D102 - not a class-vocabulary model
-        raise NotImplementedError("ETRIS embeds sentences itself: call model.refer(image, sentence)")
-
-    def predict(self, image, vocabulary, **kwargs):  # noqa: D102
-        raise NotImplementedError("ETRIS is a referring model (one sentence -> one mask): use model.refer(image, "
-                                  "sentence) or `vocabseg refer IMAGE \"sentence\"`")
 
     # -- towers ----------------------------------------------------------------------------------------------------
     def _text_blocks(self, t: torch.Tensor, start: int, end: int | None, mask: torch.Tensor) -> torch.Tensor:

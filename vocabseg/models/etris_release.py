@@ -32,8 +32,7 @@ from torch import nn
 
 from ..clip.model import CLIP, CLIPConfig, OPENAI_MEAN, OPENAI_STD, config_for
 from ..errors import CheckpointError, ConfigError
-from .base import OpenVocabModel
-from .etris import GlobalAlignment, Projector, ReferringResult, read_referring_inputs
+from .etris import GlobalAlignment, Projector, ReferringResult, SentenceModel, read_referring_inputs
 from .registry import register_model
 from .weights import load_strict
 
@@ -490,7 +489,7 @@ class DenseAttentionPool(nn.Module):
 # ----------------------------------------------------------------------------------------------- model
 
 
-class ETRISRelease(OpenVocabModel):
+class ETRISRelease(SentenceModel):
     """The released ETRIS: frozen CLIP (positional tables trained), gate-less Bridgers, ``HA`` neck, ``GA`` decoder,
     dynamic-kernel projector; ``refer`` runs the official test path."""
 
@@ -512,20 +511,6 @@ class ETRISRelease(OpenVocabModel):
         self.freeze_clip(keep=tuple(n for n, _ in self.clip.named_parameters() if "positional_embedding" in n))
         self.register_buffer("image_mean", torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
-
-    # -- text ----------------------------------------------------------------------------------------------------
-    def tokenize(self, sentences: str | Sequence[str]) -> torch.Tensor:
-        """``tokenize(sentence, word_len, truncate=True)``: [N, word_len], EOT last when cut, 0 padding."""
-        from ..clip.tokenizer import tokenize
-
-        return tokenize(sentences, context_length=self.config.word_len, truncate=True).to(self.device)
-
-    def text_embeddings(self, vocabulary):  # noqa: D102 - not a class-vocabulary model
-        raise NotImplementedError("ETRIS embeds sentences itself: call model.refer(image, sentence)")
-
-    def predict(self, image, vocabulary, **kwargs):  # noqa: D102
-        raise NotImplementedError("ETRIS is a referring model (one sentence -> one mask): use model.refer(image, "
-                                  "sentence) or `vocabseg refer IMAGE \"sentence\"`")
 
     # -- towers with the Bridgers ----------------------------------------------------------------------------------
     def encode(self, pixels: torch.Tensor, tokens: torch.Tensor
