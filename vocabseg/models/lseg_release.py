@@ -44,7 +44,7 @@ from .base import OpenVocabModel
 from .lseg import FusionBlock, Reassemble
 from .registry import register_model
 from .vit import PlainViT, PlainViTConfig
-from .weights import assign_strict
+from .weights import assign_strict, rename_key
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -391,12 +391,11 @@ def release_to_vocabseg(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         name = key[len("net."):] if key.startswith("net.") else key
         if any(re.match(p, name) for p in _DROPPED):
             continue
-        for pattern, repl in _KEY_MAP:
-            if re.match(pattern, name):
-                out[re.sub(pattern, repl, name, count=1)] = value
-                break
-        else:
+        ours = rename_key(name, _KEY_MAP)
+        if ours is None:
             unknown.append(key)
+        else:
+            out[ours] = value
     if unknown:
         raise CheckpointError(f"{len(unknown)} unknown tensors in the LSeg release checkpoint, "
                               f"e.g. {', '.join(unknown[:3])}")
@@ -421,12 +420,10 @@ def vocabseg_to_release(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     ]
     out = {}
     for key, value in state.items():
-        for pattern, repl in inverse:
-            if re.match(pattern, key):
-                out["net." + re.sub(pattern, repl, key, count=1)] = value
-                break
-        else:
+        name = rename_key(key, inverse)
+        if name is None:
             raise KeyError(f"no release name for {key}")
+        out["net." + name] = value
     return out
 
 

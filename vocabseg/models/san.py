@@ -25,7 +25,7 @@ from ..clip.model import CLIP, CLIPConfig, config_for
 from ..errors import CheckpointError
 from .base import OpenVocabModel
 from .registry import register_model
-from .weights import load_strict
+from .weights import load_strict, rename_key
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -409,12 +409,11 @@ def official_to_vocabseg(state: dict[str, torch.Tensor], rec_start: int) -> dict
         if m:
             out[f"clip.visual.transformer.resblocks.{int(m.group(1)) + rec_start}.{m.group(2)}"] = value
             continue
-        for pattern, repl in _KEY_MAP:
-            if re.match(pattern, key):
-                out[re.sub(pattern, repl, key, count=1)] = value
-                break
-        else:
+        name = rename_key(key, _KEY_MAP)
+        if name is None:
             unknown.append(key)
+        else:
+            out[name] = value
     if unknown:
         raise CheckpointError(f"{len(unknown)} unknown tensors in the SAN checkpoint, e.g. {', '.join(unknown[:3])}")
     return out
@@ -449,12 +448,10 @@ def vocabseg_to_official(state: dict[str, torch.Tensor], rec_start: int) -> dict
                     else f"clip_visual_extractor.resblocks.{i}.{m.group(2)}")
             out[name] = value
             continue
-        for pattern, repl in inverse:
-            if re.match(pattern, key):
-                out[re.sub(pattern, repl, key, count=1)] = value
-                break
-        else:
+        name = rename_key(key, inverse)
+        if name is None:
             raise KeyError(f"no official name for {key}")
+        out[name] = value
     return out
 
 

@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import CheckpointError, VocabularyError
 from .registry import register_model
 from .vit import PlainViT, PlainViTConfig
-from .weights import assign_strict
+from .weights import assign_strict, rename_key
 
 __all__ = ["SegViTReleaseConfig", "SegViTRelease", "segvit_from_release", "vocabseg_to_release",
            "release_resize_size", "class_names"]
@@ -474,13 +474,11 @@ def segvit_from_release(state: dict[str, torch.Tensor], config: SegViTReleaseCon
             part = "cross_attn" if m.group(3) == "multihead_attn" else m.group(3)
             out[f"{target}.decoders.{int(m.group(1)) - 1}.{m.group(2)}.{part}.{m.group(4)}"] = value
             continue
-        for pattern, repl in _KEY_MAP:
-            if re.match(pattern, key):
-                out[re.sub(pattern, repl, key, count=1).replace("head.", target + ".", 1)
-                    if key.startswith("decode_head.") else re.sub(pattern, repl, key, count=1)] = value
-                break
-        else:
+        name = rename_key(key, _KEY_MAP)
+        if name is None:
             unknown.append(key)
+        else:
+            out[name.replace("head.", target + ".", 1) if key.startswith("decode_head.") else name] = value
     if unknown:
         raise CheckpointError(f"{len(unknown)} unknown tensors in the SegViT release, e.g. {', '.join(unknown[:3])}")
     return out
@@ -515,20 +513,16 @@ def vocabseg_to_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         if key.startswith("head."):
             key = key.replace("head.", "decode_head.", 1)
-            for pattern, repl in ((r"decode_head\.queries$", "q.weight"),
-                                  (r"decode_head\.class_embed\.", "class_embed.")):
-                if re.match(pattern, key):
-                    out[head + re.sub(pattern, repl, key, count=1)] = value
-                    break
-            else:
+            name = rename_key(key, ((r"decode_head\.queries$", "q.weight"),
+                                    (r"decode_head\.class_embed\.", "class_embed.")))
+            if name is None:
                 raise KeyError(f"no official name for {key}")
+            out[head + name] = value
             continue
-        for pattern, repl in inverse:
-            if re.match(pattern, key):
-                out[re.sub(pattern, repl, key, count=1)] = value
-                break
-        else:
+        name = rename_key(key, inverse)
+        if name is None:
             raise KeyError(f"no official name for {key}")
+        out[name] = value
     return out
 
 

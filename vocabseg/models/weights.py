@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
+
+
+RenameRule = tuple[str, "str | Callable[[re.Match], str]"]
+
+
+def rename_key(key: str, rules: Sequence[RenameRule]) -> str | None:
+    """``key`` renamed by the first rule (regex, replacement) whose pattern matches its start; None if none does.
+    The key maps beside the models (release name <-> ours) are lists of such rules."""
+    for pattern, repl in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key, count=1)
+    return None
 
 
 def check_state_matches(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
