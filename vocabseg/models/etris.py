@@ -425,6 +425,30 @@ class SentenceModel(OpenVocabModel):
 
         return tokenize(sentences, context_length=self.config.word_len, truncate=True).to(self.device)
 
+    def probability_maps(self, logits: torch.Tensor, infos: Sequence[Any], sizes: Sequence[tuple[int, int]]
+                         ) -> list[np.ndarray]:
+        """Mask logits [N, 1, h, w] -> probability maps at each image's size; ``infos`` are what ``prepare``
+        returned beside each image's pixels (the model's way back from its input to the image)."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def refer_batch(self, images: Sequence[Any], sentences: Sequence[str], threshold: float | None = None
+                    ) -> list[ReferringResult]:
+        """Several (image, sentence) pairs in one forward; each result at its image's own resolution."""
+        rgbs = read_referring_inputs(images, sentences)
+        if not rgbs:
+            return []
+        threshold = self.config.threshold if threshold is None else float(threshold)
+        prepared = [self.prepare(rgb) for rgb in rgbs]
+        pixels = torch.cat([p for p, _ in prepared])
+        logits = self.forward(pixels, self.tokenize(list(sentences)))["mask_logits"]
+        probs = self.probability_maps(logits, [info for _, info in prepared], [rgb.shape[:2] for rgb in rgbs])
+        return [ReferringResult(p > threshold, p, s, rgb, threshold) for p, s, rgb in zip(probs, sentences, rgbs)]
+
+    def refer(self, image: Any, sentence: str, threshold: float | None = None) -> ReferringResult:
+        """Segment what ``sentence`` refers to in ``image`` (path, PIL image or H×W×3 array)."""
+        return self.refer_batch([image], [sentence], threshold)[0]
+
     def text_embeddings(self, vocabulary):  # noqa: D102 - not a class-vocabulary model
         raise NotImplementedError("ETRIS embeds sentences itself: call model.refer(image, sentence)")
 
@@ -527,30 +551,16 @@ class ETRIS(SentenceModel):
         x = torch.from_numpy(boxed).to(self.device).permute(2, 0, 1)[None]
         return self.normalize_pixels(x), hw
 
-    @torch.inference_mode()
-    def refer_batch(self, images: Sequence[Any], sentences: Sequence[str], threshold: float | None = None
-                    ) -> list[ReferringResult]:
-        """Several (image, sentence) pairs in one forward; each result at its image's own resolution."""
-        rgbs = read_referring_inputs(images, sentences)
-        if not rgbs:
-            return []
-        threshold = self.config.threshold if threshold is None else float(threshold)
-        prepared = [self.prepare(rgb) for rgb in rgbs]
-        pixels = torch.cat([p for p, _ in prepared])
-        logits = self.forward(pixels, self.tokenize(list(sentences)))["mask_logits"].float()
+    def probability_maps(self, logits: torch.Tensor, boxes: Sequence[tuple[int, int]],
+                         sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Mask logits [N, 1, h, w] -> probabilities at each image's size: to the letterbox, crop (h, w), resize."""
         s = self.config.input_size
-        logits = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)
-        results = []
-        for i, (rgb, (_, (h, w))) in enumerate(zip(rgbs, prepared)):
-            crop = logits[i:i + 1, :, :h, :w]
-            full = F.interpolate(crop, size=rgb.shape[:2], mode="bilinear", align_corners=False)
-            prob = full[0, 0].sigmoid().cpu().numpy().astype(np.float32)
-            results.append(ReferringResult(prob > threshold, prob, sentences[i], rgb, threshold))
-        return results
-
-    def refer(self, image: Any, sentence: str, threshold: float | None = None) -> ReferringResult:
-        """Segment what ``sentence`` refers to in ``image`` (path, PIL image or H×W×3 array)."""
-        return self.refer_batch([image], [sentence], threshold)[0]
+        logits = F.interpolate(logits.float(), size=(s, s), mode="bilinear", align_corners=False)
+        out = []
+        for i, ((h, w), size) in enumerate(zip(boxes, sizes)):
+            full = F.interpolate(logits[i:i + 1, :, :h, :w], size=size, mode="bilinear", align_corners=False)
+            out.append(full[0, 0].sigmoid().cpu().numpy().astype(np.float32))
+        return out
 
     # -- training hooks ----------------------------------------------------------------------------------------------
     def build_criterion(self, num_classes: int | None = None, dice_weight: float = 0.0):

@@ -22,8 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..clip.model import CLIP, CLIPConfig, OPENAI_MEAN, OPENAI_STD, config_for
 from ..errors import CheckpointError, ConfigError
-from .etris import GlobalAlignment, Projector, ReferringResult, SentenceModel, read_referring_inputs
+from .etris import GlobalAlignment, Projector, SentenceModel
 from .registry import register_model
 from .weights import load_strict
 
@@ -604,24 +603,6 @@ class ETRISRelease(SentenceModel):
                                      self.opencv)
             out.append(np.clip(p, 0.0, 1.0) if self.config.clip_probability else p)
         return out
-
-    @torch.inference_mode()
-    def refer_batch(self, images: Sequence[Any], sentences: Sequence[str], threshold: float | None = None
-                    ) -> list[ReferringResult]:
-        """Several (image, sentence) pairs; each result at its image's own resolution."""
-        rgbs = read_referring_inputs(images, sentences)
-        if not rgbs:
-            return []
-        threshold = self.config.threshold if threshold is None else float(threshold)
-        prepared = [self.prepare(rgb) for rgb in rgbs]
-        pixels = torch.cat([p for p, _ in prepared])
-        logits = self.forward(pixels, self.tokenize(list(sentences)))["mask_logits"]
-        probs = self.probability_maps(logits, [inv for _, inv in prepared], [rgb.shape[:2] for rgb in rgbs])
-        return [ReferringResult(p > threshold, p, s, rgb, threshold) for p, s, rgb in zip(probs, sentences, rgbs)]
-
-    def refer(self, image: Any, sentence: str, threshold: float | None = None) -> ReferringResult:
-        """Segment what ``sentence`` refers to in ``image`` (path, PIL image or H×W×3 array), as the release's test."""
-        return self.refer_batch([image], [sentence], threshold)[0]
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], allow_missing_clip: bool = False) -> None:
