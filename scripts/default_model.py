@@ -3,6 +3,8 @@
     python scripts/default_model.py ship        # runs/default_clip + runs/default_san -> vocabseg/weights/ (fp16)
     python scripts/default_model.py evaluate    # held-out world: CLIP zero-shot, SAN seen/unseen mIoU, baselines
                                                 # -> docs/default_model_results.json (numbers quoted in the docs)
+    python scripts/default_model.py measure [--candidate NAME=CLIP_FILE,SAN_FILE ...]
+                                                # every number of issue #24, candidates side by side
 
 Seen / unseen split (configs/default_san_world.yaml): SAN's segmentation labels never contain sand, wall or pink,
 white, black or brown objects; CLIP saw those words only in captions.
@@ -101,6 +103,73 @@ def evaluate(n: int, out: Path, closed_run: Path | None) -> dict:
     return report
 
 
+def measure_one(model, n_world: int, n_drawings: int, weights_mb: float) -> dict:
+    """Every figure the embedded default is judged by (issue #24), for one candidate."""
+    from vocabseg.data.drawings import drawing_set, issue_drawings, same_color_drawings
+    from vocabseg.engine.contrastive import ContrastiveConfig, zero_shot_report
+    from vocabseg.engine.world_eval import cpu_latency, drawing_scores
+
+    torch.manual_seed(0)
+    z = zero_shot_report(model.clip, ContrastiveConfig(), num_samples=400)
+    draw = drawing_scores(model, drawing_set(n_drawings))
+    issue = drawing_scores(model, issue_drawings())
+    pairs = drawing_scores(model, same_color_drawings())
+    world = seen_unseen(segmentation_scores(model, SEEN + UNSEEN, n_world))
+    return {
+        "drawings: object mIoU (target >= 60)": draw["object_mIoU"],
+        "drawings: worst object IoU (target >= 30)": draw["object_min_IoU"],
+        "drawings: objects with IoU >= 30 (%)": draw["objects_at_least_30"],
+        "drawings: mIoU incl. background": draw["drawing_mIoU"],
+        "issue drawings: object IoUs": " ".join(f"{v:.0f}" for r in issue["records"] for k, v in r["IoU"].items()
+                                                if k not in ("background",)),
+        "same-colour pairs: object mIoU": pairs["object_mIoU"],
+        "same-colour pairs: objects >= 50 (%, target 100)": pairs["objects_at_least_50"],
+        "CLIP zero-shot shape, 10-way (target >= 50)": z["shape"]["accuracy"],
+        "CLIP zero-shot colour, 10-way": z["color"]["accuracy"],
+        "CLIP zero-shot background, 7-way": z["stuff"]["accuracy"],
+        "world seen mIoU (>= 35.7)": world["seen_mIoU"],
+        "world unseen mIoU (>= 6.2)": world["unseen_mIoU"],
+        "bundled example IoUs (>= 90)": " ".join(f"{v:.0f}" for v in hand_drawn_check(model)["IoU"].values()),
+        "weights MB, fp16 (<= 30)": weights_mb,
+        "s per 512^2 image, 10 names": cpu_latency(model, 512, (SEEN + UNSEEN)[:10]),
+        "_details": {"drawings": draw, "issue": issue, "pairs": pairs, "zero_shot": z, "world": world},
+    }
+
+
+def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | None) -> dict:
+    """Print the figures of each candidate (NAME=CLIP_FILE,SAN_FILE; "shipped" = the bundled weights) side by side."""
+    import vocabseg
+    from vocabseg.models.default import DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS
+
+    results = {}
+    for spec in candidates:
+        name, _, files = spec.partition("=")
+        if files:
+            clip_file, san_file = files.split(",")
+            model = vocabseg.load_model("default", checkpoint=san_file, clip=clip_file)
+            mb = (Path(clip_file).stat().st_size + Path(san_file).stat().st_size) / 2 ** 20
+            if str(clip_file).endswith(".safetensors") and "weights" not in str(clip_file):
+                mb = None  # training outputs are fp32 and carry the CLIP twice; shipped size is what counts
+        else:
+            model = vocabseg.load_model()
+            mb = (DEFAULT_CLIP_WEIGHTS.stat().st_size + DEFAULT_SAN_WEIGHTS.stat().st_size) / 2 ** 20
+        if mb is None:
+            params = sum(p.numel() for p in model.parameters())
+            mb = params * 2 / 2 ** 20
+        t0 = time.time()
+        results[name] = measure_one(model, n_world, n_drawings, mb)
+        results[name]["_details"]["seconds"] = time.time() - t0
+    keys = [k for k in next(iter(results.values())) if not k.startswith("_")]
+    width = max(map(len, keys))
+    print(f"{'':{width}}  " + "  ".join(f"{n:>18}" for n in results))
+    for k in keys:
+        cells = [results[n][k] for n in results]
+        print(f"{k:{width}}  " + "  ".join(f"{c:>18.1f}" if isinstance(c, float) else f"{str(c):>18}" for c in cells))
+    if out is not None:
+        out.write_text(json.dumps(results, indent=1))
+    return results
+
+
 def results_table(report: dict) -> str:
     """Markdown table of a report written by :func:`evaluate` (what docs/default_model.md shows)."""
     z = report["clip_zero_shot"]
@@ -141,8 +210,16 @@ def main() -> None:
     e.add_argument("-n", type=int, default=200)
     e.add_argument("--closed-run", type=Path, default=ROOT / "runs" / "default_san_closed")
     e.add_argument("--out", type=Path, default=ROOT / "docs" / "default_model_results.json")
+    m = sub.add_parser("measure")
+    m.add_argument("--candidate", action="append", default=[],
+                   help="NAME=CLIP_FILE,SAN_FILE (repeatable); without any: the shipped weights")
+    m.add_argument("-n", type=int, default=150, help="held-out world scenes")
+    m.add_argument("--drawings", type=int, default=60, help="random out-of-generator drawings")
+    m.add_argument("--out", type=Path, default=None, help="also write every figure as JSON here")
     args = parser.parse_args()
-    if args.cmd == "ship":
+    if args.cmd == "measure":
+        measure(args.candidate or ["shipped"], args.n, args.drawings, args.out)
+    elif args.cmd == "ship":
         ship(args.clip_run, args.san_run)
     else:
         report = evaluate(args.n, args.out, args.closed_run)

@@ -124,3 +124,28 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     with torch.no_grad():
         return sum(p.numel() for name, p in model.named_parameters()
                    if not name.startswith("clip.") or name == "clip.visual.positional_embedding")
+
+
+def drawing_scores(model: torch.nn.Module, drawings: Sequence[Any]) -> dict[str, Any]:
+    """IoU of every object (and background) of plain drawings (:mod:`vocabseg.data.drawings`), each asked with its
+    own obvious vocabulary. Returns per-drawing records plus the mean / minimum object IoU and the mean over drawings
+    of their mIoU (objects and background)."""
+    from ..predict import Predictor
+
+    predictor = Predictor(model)
+    records, object_ious, drawing_mious = [], [], []
+    for d in drawings:
+        labels = predictor.predict_array(d.image, list(d.names), model.text_embeddings(list(d.names))).labels
+        ious = {}
+        for k, name in enumerate(d.names):
+            inter = np.logical_and(labels == k, d.labels == k).sum()
+            union = np.logical_or(labels == k, d.labels == k).sum()
+            ious[name] = 100.0 * float(inter) / max(int(union), 1)
+        records.append({"kind": d.kind, "IoU": ious})
+        object_ious += [ious[n] for n in d.names[:-1]]
+        drawing_mious.append(float(np.mean(list(ious.values()))))
+    obj = np.asarray(object_ious)
+    return {"drawings": len(records), "objects": int(obj.size), "object_mIoU": float(obj.mean()),
+            "object_min_IoU": float(obj.min()), "objects_at_least_30": float((obj >= 30).mean() * 100),
+            "objects_at_least_50": float((obj >= 50).mean() * 100),
+            "drawing_mIoU": float(np.mean(drawing_mious)), "records": records}
