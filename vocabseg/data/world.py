@@ -23,6 +23,7 @@ generation at hundreds of images per second per core.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -177,6 +178,12 @@ class WorldConfig:
     noise_prob: float = 0.5
     noise_strength: float = 0.035  # max noise sigma as a fraction of 255
     lighting_strength: float = 0.2  # brightness/contrast +-, colour cast +- half of it
+    # Closer to what people draw (all off by default, so existing datasets stay bit-identical):
+    plain_prob: float = 0.15  # chance that a scene allowed to have one is a plain backdrop alone
+    plain_tones: bool = False  # plain backdrop of any paper tone (white..mid grey, cream, faint tints), not 3 fixed
+    huge_prob: float = 0.0  # chance an object is drawn huge (radius 0.26-0.42 of the short side, up to ~55 % cover)
+    hard_edge_prob: float = 0.0  # chance a scene's objects are drawn without anti-aliasing
+    jpeg_prob: float = 0.0  # chance a scene is JPEG-compressed (quality 40-95)
     supersample: int = 3
     captions_per_image: int = 3
     categories: tuple[str, ...] = OBJECT_CATEGORIES
@@ -213,7 +220,8 @@ class WorldConfig:
             raise ConfigError(f"WorldConfig.size_multiple must be 1..min_size, got {self.size_multiple}.")
         if self.max_stuff_regions < 1 or self.captions_per_image < 0:
             raise ConfigError("WorldConfig needs max_stuff_regions >= 1 and captions_per_image >= 0.")
-        for name in ("square_prob", "texture_prob", "blur_prob", "noise_prob"):
+        for name in ("square_prob", "texture_prob", "blur_prob", "noise_prob", "plain_prob", "huge_prob",
+                     "hard_edge_prob", "jpeg_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"WorldConfig.{name} must be a probability in [0, 1].")
 
@@ -268,6 +276,8 @@ class SceneSpec:
     cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
     blur: float = 0.0
     noise: float = 0.0  # sigma in 0..255 units
+    hard_edges: bool = False  # objects drawn without anti-aliasing
+    jpeg_quality: int = 0  # > 0: the finished image is JPEG-compressed at this quality
     render_seed: int = 0  # randomness of textures (grass blades, clouds, bricks, noise)
     caption_seed: int = 0
 
@@ -465,7 +475,7 @@ def _round_size(v: int, config: WorldConfig) -> int:
 def _sample_bands(rng: np.random.Generator, config: WorldConfig) -> list[StuffBand]:
     allowed = list(config.stuff)
     if "background" in allowed:  # a plain backdrop fills the frame alone, never shares it with stuff
-        if rng.random() < 0.15 or allowed == ["background"]:
+        if rng.random() < config.plain_prob or allowed == ["background"]:
             return [StuffBand("background")]
         allowed.remove("background")
     k = int(rng.integers(1, min(3, config.max_stuff_regions, len(allowed)) + 1))
@@ -501,6 +511,8 @@ def _sample_object(rng: np.random.Generator, config: WorldConfig, h: int, w: int
     size = _pick(rng, config.sizes)
     lo, hi = SIZE_RANGES[size]
     radius = float(rng.uniform(lo, hi) * min(h, w))
+    if config.huge_prob > 0 and rng.random() < config.huge_prob:
+        radius = float(rng.uniform(0.26, 0.42) * min(h, w))
     # A few tries at a spot that does not bury (or get buried by) an earlier object.
     for _ in range(6):
         cx = float(rng.uniform(0.6 * radius, w - 0.6 * radius))
@@ -556,6 +568,10 @@ def sample_scene(seed: int, config: WorldConfig = WorldConfig()) -> SceneSpec:
         spec.blur = float(rng.uniform(0.3, max(0.3, config.blur_strength)))
     if rng.random() < config.noise_prob:
         spec.noise = float(rng.uniform(1.0, max(1.0, config.noise_strength * 255)))
+    if config.hard_edge_prob > 0 and rng.random() < config.hard_edge_prob:
+        spec.hard_edges = True
+    if config.jpeg_prob > 0 and rng.random() < config.jpeg_prob:
+        spec.jpeg_quality = int(rng.integers(40, 96))
     return spec
 
 
@@ -585,7 +601,7 @@ def _mix(base: np.ndarray, *terms: tuple[np.ndarray, Sequence[float]]) -> np.nda
 
 
 def _stuff_texture(name: str, y0: int, y1: int, width: int, top: float, bottom: float,
-                   rng: np.random.Generator) -> np.ndarray:
+                   rng: np.random.Generator, plain_tones: bool = False) -> np.ndarray:
     """Channel-first float32 (3, y1 - y0, width) appearance of a stuff class for rows y0..y1.
     ``top``/``bottom`` are the band's mean boundary rows (for gradients and lane marks)."""
     h = y1 - y0
@@ -648,6 +664,12 @@ def _stuff_texture(name: str, y0: int, y1: int, width: int, top: float, bottom: 
     if name == "background":
         r = rng.random()
         base = (248, 248, 246) if r < 0.6 else (215, 215, 212) if r < 0.8 else (240, 232, 205)
+        if plain_tones:  # any paper: white to mid grey, cream, or a faint tint
+            grey = 255.0 - 75.0 * rng.random() ** 1.5
+            tint = rng.uniform(-1, 1, 3) * (12.0 if rng.random() < 0.3 else 3.0)
+            if rng.random() < 0.25:
+                tint += (6.0, 2.0, -22.0)  # cream
+            base = tuple(float(v) for v in np.clip(grey + tint, 0, 255))
         return _mix(_jitter(rng, base, 6), (_crop(tiles["smooth"], h, width, rng), (2, 2, 2)))
     if name == "road":
         g = float(rng.uniform(70, 110))
@@ -669,7 +691,8 @@ def _stuff_texture(name: str, y0: int, y1: int, width: int, top: float, bottom: 
     raise ConfigError(f"Unknown stuff class {name!r}; choose from {list(STUFF_CLASSES)}.")
 
 
-def _render_background(spec: SceneSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _render_background(spec: SceneSpec, rng: np.random.Generator,
+                       plain_tones: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Anti-aliased channel-first background (3, H, W) float32 and stuff map (STUFF_CLASSES ids)."""
     h, w = spec.height, spec.width
     xs = np.arange(w, dtype=np.float64) + 0.5
@@ -687,7 +710,7 @@ def _render_background(spec: SceneSpec, rng: np.random.Generator) -> tuple[np.nd
         y1 = int(np.clip(np.ceil(bottom.max()), y0, h))
         if y1 <= y0:
             continue
-        tex = _stuff_texture(band.name, y0, y1, w, float(top.mean()), float(bottom.mean()), rng)
+        tex = _stuff_texture(band.name, y0, y1, w, float(top.mean()), float(bottom.mean()), rng, plain_tones)
         sid = STUFF_CLASSES.index(band.name)
         # Rows wholly below the boundary are copied; only the transition rows are blended.
         y_full = int(np.clip(np.ceil(top.max()), y0, y1)) if i else y0
@@ -770,10 +793,10 @@ def render_scene(spec: SceneSpec, config: WorldConfig = WorldConfig(),
     """Render a scene description: image, label maps, records and captions."""
     h, w = spec.height, spec.width
     rng = np.random.default_rng(spec.render_seed)
-    image, stuff_map = _render_background(spec, rng)  # image is channel-first while rendering
+    image, stuff_map = _render_background(spec, rng, config.plain_tones)  # channel-first while rendering
     category_map = stuff_map.copy()
     instance_map = np.zeros((h, w), np.uint8 if len(spec.objects) < 256 else np.uint16)
-    s = config.supersample
+    s = 1 if spec.hard_edges else config.supersample
     full_areas: list[int] = []
     for k, obj in enumerate(spec.objects, start=1):
         if obj.category not in OBJECT_CATEGORIES or obj.color not in COLOR_RGB:
@@ -820,6 +843,10 @@ def render_scene(spec: SceneSpec, config: WorldConfig = WorldConfig(),
     np.clip(image, 0, 255, out=image)
     out = np.empty((h, w, 3), np.uint8)
     np.copyto(out, image.transpose(1, 2, 0), casting="unsafe")
+    if spec.jpeg_quality:
+        buf = io.BytesIO()
+        Image.fromarray(out).save(buf, format="JPEG", quality=spec.jpeg_quality)
+        out = np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
     objects = _object_records(spec, instance_map, stuff_map, full_areas)
     stuff = _stuff_records(spec, category_map, stuff_map)
