@@ -218,7 +218,8 @@ class RunSpec:
     amp: str = "none"
     device: str = "auto"
     resume: bool | str = "auto"  # auto: continue when the folder has a checkpoint; true: it must; false: never
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal
+    verbose: bool = True  # log lines on the console (rank 0)
     grad_accum: int = 1
     num_workers: int = 0
     find_unused_parameters: bool = False
@@ -472,7 +473,7 @@ class Trainer:
 
         net = du.wrap_model(model, info, spec.find_unused_parameters)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        console = _Console(info.is_main and spec.progress, sys.stdout.isatty(), last, step, self.log)
+        console = _Console(info.is_main and spec.verbose, spec.progress and sys.stdout.isatty(), last, step, self.log)
         board = _Board(self.out, step + 1) if info.is_main else None
         if found is not None:
             console.print(f"resumed from {found[0].name} at step {step}")

@@ -266,7 +266,7 @@ class SegmentationFamily(Family):
         return RunSpec(output_dir=c.output_dir, seed=c.seed, max_iters=c.max_iters, log_every=c.log_every,
                        checkpoint_every=c.checkpoint_every, eval_every=c.eval_every,
                        keep_checkpoints=c.keep_checkpoints, clip_grad=c.clip_grad if c.clip_grad_enabled else None,
-                       amp=c.amp, device=c.device, resume=c.resume, progress=c.progress, grad_accum=c.grad_accum,
+                       amp=c.amp, device=c.device, resume=c.resume, progress=c.progress, verbose=c.progress, grad_accum=c.grad_accum,
                        num_workers=c.num_workers, find_unused_parameters=c.find_unused_parameters)
 
     def describe(self, info: du.DistInfo, start: int) -> str:
