@@ -163,3 +163,25 @@ def test_referring_killed_during_evaluation_resumes_to_the_uninterrupted_run(tmp
     out = tmp_path / "killed"
     _kill_chain(tmp_path, config(out), out, [("train-referring", "eval:4")])
     _assert_same_run(full, out, "model_final.safetensors", 5)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_line_before_any_step(tmp_path):
+    """A missing dataset folder and a folder of another config's run: one line naming the path/key, nothing run."""
+    out = tmp_path / "run"
+    config = _clip_config(tmp_path, out, max_iters=1, checkpoint_every=1, eval_samples=0)
+    assert _train(tmp_path, "train", config).returncode == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    other = _clip_config(tmp_path, out, max_iters=2, embed_dim=64, eval_samples=0)
+    proc = _train(tmp_path, "train", other)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "embed_dim is 32 there and 64 here" in proc.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before and not (out / "checkpoint_0000002.pt").exists()
+
+    missing = _config(tmp_path, "seg", {"model": "san_tiny_test", "data_root": str(tmp_path / "nowhere"),
+                                        "output_dir": str(tmp_path / "seg"), "device": "cpu"})
+    proc = _train(tmp_path, "train", missing)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert str(tmp_path / "nowhere") in proc.stderr and not (tmp_path / "seg" / "metrics.jsonl").exists()

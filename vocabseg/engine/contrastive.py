@@ -208,7 +208,7 @@ class ClipFamily(Family):
 
     def describe(self, info, start: int) -> str:
         c = self.config
-        return (f"training a {c.text_tower} CLIP on world captions: batch {c.batch_size}, steps "
+        return (f"training a CLIP ({c.text_tower} text tower) on world captions: batch {c.batch_size}, steps "
                 f"{start}..{self.spec().last_step} of {c.max_iters}, device {info.device}")
 
     def build_model(self, device):

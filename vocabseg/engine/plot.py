@@ -17,7 +17,7 @@ from ..errors import UserError
 
 __all__ = ["plot_runs", "curve_keys"]
 
-_SKIP_TRAIN = {"type", "iter", "step"}
+_SKIP_TRAIN = {"type", "iter", "step", "time", "data_time", "sec_per_step", "img_per_s"}  # wall clock: not curves
 _AUX = re.compile(r"_\d+$")  # deep-supervision copies of a loss (loss_ce_0 ...): one panel for the final layer only
 _EVAL_PRIORITY = ("mIoU", "oIoU", "acc", "pACC", "Prec@0.5")
 MAX_EVAL_PANELS = 8
@@ -90,6 +90,7 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, title: 
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    last = max((r["iter"] for train, evals in data for r in train + evals), default=1)
     for ax, (kind, key) in zip(axes.flat, panels):
         for i, ((train, evals), name) in enumerate(zip(data, names)):
             rows_ = train if kind == "train" else evals
@@ -101,6 +102,7 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, title: 
                     markersize=3, linewidth=1.2)
         ax.set_title(key if kind == "train" else f"eval: {key}", fontsize=9)
         ax.tick_params(labelsize=7)
+        ax.set_xlim(0, last * 1.03)  # every panel on the same step axis
         ax.grid(alpha=0.3)
         if kind == "train" and ("loss" in key or key == "grad_norm") and _positive(data, key):
             ax.set_yscale("log")
