@@ -62,6 +62,15 @@ def _assert_same_run(a: Path, b: Path, final: str, last_step: int) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def _uninterrupted(tmp_path: Path, command: str, make_config) -> tuple[Path, Path, Path]:
+    """Run ``make_config(tmp_path, folder)`` to its end in ``full``; returns (full, the folder and config to kill)."""
+    full = tmp_path / "full"
+    proc = _train(tmp_path, command, make_config(tmp_path, full))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "killed"
+    return full, out, make_config(tmp_path, out)
+
+
 def _kill_chain(tmp_path: Path, config: Path, out: Path, kills: list[tuple[str, str]]) -> None:
     """Run ``command`` with each kill point in turn (each must die by SIGKILL), then once more to the end."""
     for command, kill in kills:
@@ -88,11 +97,7 @@ def _san_config(tmp_path: Path, out: Path) -> Path:
 
 
 def test_san_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path):
-    full = tmp_path / "full"
-    proc = _train(tmp_path, "train", _san_config(tmp_path, full))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "killed"
-    config = _san_config(tmp_path, out)
+    full, out, config = _uninterrupted(tmp_path, "train", _san_config)
     _kill_chain(tmp_path, config, out, [
         ("train", "step:6"),  # gradients of step 6 computed, weights not updated (checkpoint 4 exists)
         ("train", "checkpoint:8"),  # checkpoint 8 written to its .tmp, not renamed: resume from 4 again
@@ -117,11 +122,7 @@ def _clip_config(tmp_path: Path, out: Path, **kw) -> Path:
 
 
 def test_clip_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path):
-    full = tmp_path / "full"
-    proc = _train(tmp_path, "train-clip", _clip_config(tmp_path, full))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "killed"
-    config = _clip_config(tmp_path, out)
+    full, out, config = _uninterrupted(tmp_path, "train-clip", _clip_config)
     _kill_chain(tmp_path, config, out, [
         ("train-clip", "after-checkpoint:3"),  # checkpoint 3 complete, nothing after it
         ("train", "final:8"),  # `vocabseg train` continues what `train-clip` started; dies before the final files
@@ -150,18 +151,15 @@ def test_clip_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path):
 
 
 def test_referring_killed_during_evaluation_resumes_to_the_uninterrupted_run(tmp_path):
-    def config(out: Path) -> Path:
+    def config(tmp_path: Path, out: Path) -> Path:
         return _config(tmp_path, out.name, {
             "model": "etris_tiny_test", "dataset": "world", "val_splits": ["val"], "batch_size": 4, "max_iters": 5,
             "checkpoint_every": 2, "eval_every": 2, "log_every": 3, "verbose": False, "keep_checkpoints": 0,
             "output_dir": str(out), "device": "cpu",
             "world": {"num_train": 12, "num_val": 2, "seed": 0, "min_size": 64, "max_size": 80}})
 
-    full = tmp_path / "full"
-    proc = _train(tmp_path, "train", config(full))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "killed"
-    _kill_chain(tmp_path, config(out), out, [("train-referring", "eval:4")])
+    full, out, killed = _uninterrupted(tmp_path, "train", config)
+    _kill_chain(tmp_path, killed, out, [("train-referring", "eval:4")])
     _assert_same_run(full, out, "model_final.safetensors", 5)
 
 

@@ -187,24 +187,39 @@ class StepBatches(torch.utils.data.Sampler):
             step += 1
 
 
-def world_run_spec(cfg, **extra) -> RunSpec:
-    """The loop settings of the world image-caption trainers (CLIP and GroupViT share these field names)."""
-    return RunSpec(output_dir=cfg.output_dir, seed=cfg.seed, max_iters=cfg.max_iters, log_every=cfg.log_every,
-                   checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
-                   keep_checkpoints=cfg.keep_checkpoints, clip_grad=cfg.clip_grad, device=cfg.device,
-                   resume=cfg.resume, num_workers=cfg.num_workers, **extra)
+class WorldCaptionFamily(Family):
+    """What the two image-caption trainings on world scenes share (CLIP and GroupViT): their run fields, the
+    warm-up + cosine schedule, step ``k`` reading items ``k·B ..``, the logit scale in the log, the end-of-run
+    evaluation on ``eval_samples`` held-out scenes."""
+
+    def spec(self) -> RunSpec:
+        c = self.config
+        return RunSpec(output_dir=c.output_dir, seed=c.seed, max_iters=c.max_iters,
+                       stop_at=getattr(c, "stop_after", None), log_every=c.log_every,
+                       checkpoint_every=c.checkpoint_every, eval_every=c.eval_every,
+                       keep_checkpoints=c.keep_checkpoints, clip_grad=c.clip_grad, device=c.device, resume=c.resume,
+                       num_workers=c.num_workers, progress=False)
+
+    def lr_factor(self, step: int) -> float:
+        return cosine_factor(step, self.config.warmup_iters, self.config.max_iters)
+
+    def batch_sampler(self, start_step: int, info):
+        return StepBatches(start_step, self.config.batch_size)
+
+    def log_extras(self, model) -> dict[str, float]:
+        return {"logit_scale": float(model.logit_scale.detach().exp())}
+
+    def has_eval(self) -> bool:
+        return self.config.eval_samples > 0
 
 
-class ClipFamily(Family):
+class ClipFamily(WorldCaptionFamily):
     """A small CLIP (or LiT: frozen MiniLM text tower) learning from world scenes and their captions."""
 
     name = "clip"
     config_cls = ContrastiveConfig
     identity_keys = ("seed", "image_resolution", "patch_size", "vision_width", "vision_layers", "text_width",
                      "text_layers", "embed_dim", "text_tower", "batch_size")
-
-    def spec(self) -> RunSpec:
-        return world_run_spec(self.config, stop_at=self.config.stop_after, progress=False)
 
     def describe(self, info, start: int) -> str:
         c = self.config
@@ -229,14 +244,8 @@ class ClipFamily(Family):
                                   {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr, betas=(0.9, 0.98),
                                  eps=1e-6)
 
-    def lr_factor(self, step: int) -> float:
-        return cosine_factor(step, self.config.warmup_iters, self.config.max_iters)
-
     def dataset(self, model):
         return WorldPairs(self.config)
-
-    def batch_sampler(self, start_step: int, info):
-        return StepBatches(start_step, self.config.batch_size)
 
     def collate(self, model):
         return _CollateWith(model.tokenizer) if isinstance(model, LiTCLIP) else _collate
@@ -252,12 +261,6 @@ class ClipFamily(Family):
     def after_step(self, model) -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-
-    def log_extras(self, model) -> dict[str, float]:
-        return {"logit_scale": float(model.logit_scale.detach().exp())}
-
-    def has_eval(self) -> bool:
-        return self.config.eval_samples > 0
 
     def evaluate(self, model, step, progress):
         report = zero_shot_report(model, self.config)

@@ -28,8 +28,8 @@ import torch
 
 from ..clip.tokenizer import tokenize
 from ..errors import ConfigError
-from .contrastive import ContrastiveConfig, StepBatches, WorldPairs, cosine_factor, world_run_spec
-from .loop import Family, RunSpec, run_family
+from .contrastive import ContrastiveConfig, WorldCaptionFamily, WorldPairs
+from .loop import run_family
 
 __all__ = ["GroupViTTrainConfig", "caption_nouns", "prompted_nouns", "WorldCaptionNouns", "train_groupvit",
            "load_groupvit_train_config", "evaluate_world_zero_shot", "build_groupvit", "GroupViTFamily"]
@@ -179,16 +179,13 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class GroupViTFamily(Family):
+class GroupViTFamily(WorldCaptionFamily):
     """GroupViT from scratch on world captions: image-text + multi-label contrastive losses, zero-shot mIoU."""
 
     name = "groupvit"
     config_cls = GroupViTTrainConfig
     identity_keys = ("model", "model_overrides", "image_resolution", "multi_label", "noun_templates", "seed",
                      "batch_size")
-
-    def spec(self) -> RunSpec:
-        return world_run_spec(self.config, progress=False)
 
     def describe(self, info, start: int) -> str:
         return (f"training {self.config.model} on world captions: batch {self.config.batch_size}, steps "
@@ -206,14 +203,8 @@ class GroupViTFamily(Family):
         return torch.optim.AdamW(_param_groups(model, self.config.weight_decay), lr=self.config.lr,
                                  betas=(0.9, 0.999), eps=1e-8)
 
-    def lr_factor(self, step: int) -> float:
-        return cosine_factor(step, self.config.warmup_iters, self.config.max_iters)
-
     def dataset(self, model):
         return WorldCaptionNouns(self.config)
-
-    def batch_sampler(self, start_step: int, info):
-        return StepBatches(start_step, self.config.batch_size)
 
     def collate(self, model):
         return collate_caption_nouns
@@ -225,12 +216,6 @@ class GroupViTFamily(Family):
             outputs = model.contrastive_outputs(images, batch["captions"].to(device), nouns)
         losses = self.criterion(outputs)
         return {**losses, "total_loss": self.criterion.weighted_total(losses)}
-
-    def log_extras(self, model) -> dict[str, float]:
-        return {"logit_scale": float(model.logit_scale.detach().exp())}
-
-    def has_eval(self) -> bool:
-        return self.config.eval_samples > 0
 
     def evaluate(self, model, step, progress):
         """Zero-shot mIoU on held-out scenes and how well the groups follow the objects (:func:`grouping_report`)."""

@@ -399,7 +399,7 @@ class Trainer:
             seed_everything(spec.seed + 1 + info.rank + 7919 * step)
             window = _Window()
         else:
-            if state.get("frozen_fingerprint") != frozen_id:
+            if state.get("frozen_fingerprint", state.get("fingerprint")) != frozen_id:  # older referring runs
                 raise CheckpointError(f"The frozen weights differ from those of the run that wrote {path}; resume "
                                       f"with the same clip, init_checkpoint and seed.")
             self.family.restore_extras(state, path)
@@ -412,6 +412,7 @@ class Trainer:
                 scaler.load_state_dict(state["scaler"])
             same_world = state.get("world_size") == info.world_size
             rng, windows = state.get("rng") or [], state.get("window") or []
+            rng = [rng] if isinstance(rng, dict) else rng  # older referring runs stored one process's states
             if same_world and len(rng) == info.world_size:
                 ckpt.restore_rng_state(rng[info.rank])
             else:
