@@ -131,14 +131,14 @@ def test_clip_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path):
 
     # and once at a random moment of the training (the seed is in the failure message)
     seed = int(time.time())
-    delay = random.Random(seed).uniform(0.0, 0.8)
+    delay = random.Random(seed).uniform(0.0, 1.0)  # lands in steps 4-8, an evaluation or the final files
     out = tmp_path / "random"
     config = _clip_config(tmp_path, out)
     proc = subprocess.Popen([sys.executable, "-m", "vocabseg", "train", str(config)], env=_env(tmp_path, None),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (out / "config.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # written just before the first step
+    while not (out / "checkpoint_0000003.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # from the first checkpoint on, so the resume has something to continue
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
