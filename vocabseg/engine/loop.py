@@ -410,7 +410,7 @@ class Trainer:
                 raise CheckpointError(f"The optimizer state in {path} does not fit this model: {e}.") from None
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
-            same_world = state.get("world_size") == info.world_size
+            same_world = state.get("world_size", 1) == info.world_size
             rng, windows = state.get("rng") or [], state.get("window") or []
             rng = [rng] if isinstance(rng, dict) else rng  # older referring runs stored one process's states
             if same_world and len(rng) == info.world_size:
