@@ -51,3 +51,42 @@ def test_number_strings_and_errors(loader, name: str, tmp_path: Path) -> None:
         loader(path, ["lrr=1"])
     with pytest.raises(ConfigError, match="lr"):
         loader(path, ["lr=abc"])
+
+
+FAMILY_OF = {load_referring_config: "referring", load_groupvit_train_config: "groupvit",
+             load_contrastive_config: "clip", load_config: "segmentation"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_vocabseg_train_reads_every_config_as_its_family(path: Path) -> None:
+    """`vocabseg train CONFIG` picks the family from the config alone and reads it exactly as the alias does."""
+    from vocabseg.engine.config import load_family
+
+    loader = _loader(path)
+    family = load_family(path)
+    assert family.name == FAMILY_OF[loader]
+    assert family.config == loader(path)
+    with pytest.raises(ConfigError):  # an alias refuses another family's config (by a key it does not know)
+        load_family(path, family="referring" if family.name != "referring" else "clip")
+
+
+def test_family_key_and_bad_input_are_one_line_errors(tmp_path: Path) -> None:
+    from vocabseg.engine.config import load_family
+
+    clip = Path(__file__).resolve().parents[1] / "configs" / "default_clip.yaml"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base: {clip}\nlr_warmup: 3\n")  # a CLIP config with a key no trainer knows
+    with pytest.raises(ConfigError, match="Unknown config key 'lr_warmup'") as e:
+        load_family(cfg)
+    assert "\n" not in str(e.value)
+    cfg.write_text(f"base: {clip}\nbatch_size: many\n")
+    with pytest.raises(ConfigError, match="batch_size has the wrong type"):
+        load_family(cfg)
+    cfg.write_text(f"family: referring\nbase: {clip}\n")  # the family key decides, so CLIP keys are unknown there
+    with pytest.raises(ConfigError, match="Unknown config key"):
+        load_family(cfg)
+    cfg.write_text("family: detection\n")
+    with pytest.raises(ConfigError, match="family must be one of"):
+        load_family(cfg)
+    cfg.write_text(f"family: clip\nbase: {clip}\n")
+    assert load_family(cfg).name == "clip" and load_config is not None

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np
     import torch
 
-    from vocabseg.engine import checkpoint as ckpt, trainer
+    from vocabseg.engine import checkpoint as ckpt, loop, trainer
     from vocabseg.engine import TrainConfig, train
 
     out, record, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
@@ -64,16 +64,16 @@ SCRIPT = textwrap.dedent('''
             f.write(json.dumps(value) + "\\n")
 
     real_atomic = ckpt.atomic_write
-    def recording_atomic(path, write):
+    def recording_atomic(path, write, *rest):
         log("writes", Path(path).name)
-        return real_atomic(path, write)
+        return real_atomic(path, write, *rest)
     ckpt.atomic_write = recording_atomic
 
-    real_append = trainer._append_jsonl
+    real_append = loop._append_jsonl
     def recording_append(path, rec):
         log("writes", Path(path).name)
         real_append(path, rec)
-    trainer._append_jsonl = recording_append
+    loop._append_jsonl = recording_append
 
     real_getitem = trainer.TrainSamples.__getitem__
     def recording_getitem(self, key):
@@ -81,22 +81,22 @@ SCRIPT = textwrap.dedent('''
         return real_getitem(self, key)
     trainer.TrainSamples.__getitem__ = recording_getitem
 
-    real_checkpoint = trainer._Trainer._checkpoint
+    real_checkpoint = loop.Trainer._checkpoint
     def hashing_checkpoint(self, model, *args, **kwargs):
         h = hashlib.sha256()
         for name, t in sorted(ckpt.trainable_state(model).items()):
             h.update(name.encode()); h.update(t.numpy().tobytes())
-        log("hash", {"iter": args[3], "sha": h.hexdigest()})
+        log("hash", {"iter": args[2], "sha": h.hexdigest()})
         return real_checkpoint(self, model, *args, **kwargs)
-    trainer._Trainer._checkpoint = hashing_checkpoint
+    loop.Trainer._checkpoint = hashing_checkpoint
 
     if mode == "die":  # both ranks stop in the step after the checkpoint at iteration 2, like a killed job
-        real_step = trainer._Step.__call__
-        def dying_step(self, data_iter, iteration):
-            if iteration == 2:
+        real_step = loop.Trainer._step
+        def dying_step(self, *args):
+            if args[-1] == 2:
                 raise SystemExit(3)
-            return real_step(self, data_iter, iteration)
-        trainer._Step.__call__ = dying_step
+            return real_step(self, *args)
+        loop.Trainer._step = dying_step
 
     cfg = TrainConfig(model="san_tiny_test", output_dir=str(out), max_iters=%(iters)d, batch_size=%(batch)d, lr=1e-3,
                       log_every=1, checkpoint_every=2, eval_every=0, num_workers=0, device="cpu", progress=False,
@@ -200,6 +200,4 @@ def test_two_process_resume_is_identical_to_the_uninterrupted_run(full_run, tmp_
     hashes = [_lines(record / f"hash_rank{r}.txt") for r in (0, 1)]
     full_hashes = _lines(full_record / "hash_rank0.txt")
     assert hashes[0] == hashes[1] == full_hashes  # iteration 2 from the first launch, 4 from the resumed one
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "data_time")} for r in rows]  # noqa: E731
-    read = lambda o: [json.loads(line) for line in (o / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert strip(read(out)) == strip(read(full_out))
+    assert (out / "metrics.jsonl").read_bytes() == (full_out / "metrics.jsonl").read_bytes()

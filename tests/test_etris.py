@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import vocabseg
 from vocabseg.errors import CheckpointError
@@ -301,7 +302,13 @@ def test_train_referring_resumes_exactly_and_evaluates(tmp_path):
     full = train_referring({**cfg, "output_dir": str(tmp_path / "a")})
     first = train_referring({**cfg, "output_dir": str(tmp_path / "b"), "max_iters": 2})
     rest = train_referring({**cfg, "output_dir": str(tmp_path / "b")})  # resume: auto
-    assert first["losses"] + rest["losses"] == full["losses"] and len(full["losses"]) == 4
+    assert first["iteration"] == 2 and rest["iteration"] == full["iteration"] == 4
+    final = [load_file(str(tmp_path / d / "model_final.safetensors")) for d in ("a", "b")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    train_lines = lambda d: [r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                             if r["type"] == "train"]
+    assert train_lines("a") == train_lines("b") and [r["iter"] for r in train_lines("a")] == [2, 4]
+    assert rest["losses"]["total_loss"] == full["losses"]["total_loss"]
     assert set(full["metrics"]) == {"val", "heldout", "val (largest-object baseline)",
                                     "heldout (largest-object baseline)"}
     m = full["metrics"]["heldout"]

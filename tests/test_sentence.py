@@ -261,7 +261,7 @@ def test_contrastive_training_with_minilm(tmp_path, monkeypatch):
     lines: list[str] = []
     contrastive.train_clip(cfg, log=lines.append)
     image_after_2 = {k: v.clone() for k, v in built[-1].state_dict().items()}
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state = torch.load(tmp_path / "run" / "checkpoint_0000002.pt", weights_only=True)
     assert len(state["optimizer"]["state"]) == len(list(built[-1].parameters()))  # image tower + logit scale only
 
     path = contrastive.train_clip(dataclasses.replace(cfg, max_iters=3), log=lines.append)  # resumes at step 2
@@ -269,7 +269,8 @@ def test_contrastive_training_with_minilm(tmp_path, monkeypatch):
     model = built[-1]
     assert path.name == "lit_clip.safetensors"
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2, 3]
+    assert [r["iter"] for r in records if r["type"] == "eval"] == [2, 3]  # each run's end
     # the frozen text towers of both runs still hold the package's weights; the image tower moved
     fresh = load_minilm()
     for trained in built:

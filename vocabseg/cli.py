@@ -207,17 +207,39 @@ def models_cmd(all: bool = typer.Option(False, "--all", help="Include tiny test 
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML training config (see configs/)."),
+    config: Path = typer.Argument(..., help="YAML training config of any family (see configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. max_iters=100"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output dir."),
+    resume: bool = typer.Option(False, "--resume", help="Require a checkpoint in the output dir to continue from "
+                                "(by default a run continues when there is one)."),
 ) -> None:
-    """Train a model (works under torchrun for several processes/machines)."""
-    from .engine import load_config, train as run_train
+    """Train any model: segmentation (SAN, SegViT, LSeg, CLIMS), referring (ETRIS), GroupViT or CLIP/LiT; the
+    config's `family:` key or its contents say which. Rerun the same command to resume. Works under torchrun."""
+    _train(config, overrides, None, resume)
 
-    cfg = load_config(config, list(overrides or []))
+
+def _train(config: Path, overrides: Optional[List[str]], family: Optional[str], resume: bool = False) -> None:
+    from .engine.config import load_family
+    from .engine.loop import run_family
+
+    fam = load_family(config, list(overrides or []), family)
     if resume:
-        cfg.resume = True
-    run_train(cfg)
+        fam.config.resume = True
+    result = run_family(fam, log=lambda line: console.print(line, markup=False, highlight=False))
+    if result.get("final_weights"):
+        console.print(f"wrote {result['final_weights']}")
+
+
+@app.command()
+def plot(
+    runs: List[Path] = typer.Argument(..., help="Training run folders (each holds metrics.jsonl)."),
+    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="Picture to write (.png, .svg, .pdf)."),
+    title: Optional[str] = typer.Option(None, "--title"),
+) -> None:
+    """Draw loss terms, learning rate and evaluation metrics against the step, the runs overlaid (needs matplotlib:
+    pip install 'vocabseg[plot]')."""
+    from .engine.plot import plot_runs
+
+    console.print(f"wrote {plot_runs(runs, out, title)}")
 
 
 @app.command("export")
@@ -263,10 +285,8 @@ def train_referring_cmd(
     config: Path = typer.Argument(..., help="YAML referring config (configs/etris_*.yaml)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
 ) -> None:
-    """Train a referring model (ETRIS); resumable."""
-    from .engine.referring import train_referring
-
-    train_referring(config, list(overrides or []))
+    """Train a referring model (ETRIS); `vocabseg train` for referring configs only. Resumable."""
+    _train(config, overrides, "referring")
 
 
 @app.command("eval-referring")
@@ -368,10 +388,13 @@ def cams_sweep_cmd(
 
 @app.command("train-groupvit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_groupvit_cmd(ctx: typer.Context, config: Path = typer.Argument(...)) -> None:
-    """Train GroupViT on image-caption pairs of the generated world (key=value overrides follow the config)."""
-    from .engine.groupvit_train import main as groupvit_main
+    """Train GroupViT on the generated world's captions (`vocabseg train` for GroupViT configs only); key=value
+    overrides follow the config; --eval-only scores the finished run again."""
+    if "--eval-only" in ctx.args:
+        from .engine.groupvit_train import main as groupvit_main
 
-    raise typer.Exit(groupvit_main([str(config), *ctx.args]))
+        raise typer.Exit(groupvit_main([str(config), *ctx.args]))
+    _train(config, ctx.args, "groupvit")
 
 
 @app.command("train-clip")
@@ -379,12 +402,9 @@ def train_clip_cmd(
     config: Path = typer.Argument(..., help="YAML of vocabseg.engine.contrastive.ContrastiveConfig fields."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
 ) -> None:
-    """Train a small CLIP contrastively on the generated world (stage 1 of the embedded default); resumable."""
-    from .engine.contrastive import load_contrastive_config, train_clip
-
-    cfg = load_contrastive_config(config, list(overrides or []))
-    path = train_clip(cfg, resume=True, log=lambda line: console.print(line))
-    console.print(f"wrote {path}")
+    """Train a small CLIP contrastively on the generated world (stage 1 of the embedded default); `vocabseg train`
+    for CLIP configs only. Rerun to resume."""
+    _train(config, overrides, "clip")
 
 
 @app.command("eval")

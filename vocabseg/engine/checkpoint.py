@@ -7,8 +7,8 @@ is never read and is removed when the run resumes.
 
 Layout of an output folder::
 
-    checkpoint_0005000.pt   numbered training checkpoints (the ``keep_checkpoints`` most recent are kept)
-    last_checkpoint         text file naming the newest complete checkpoint (written after it)
+    checkpoint_0005000.pt   numbered training checkpoints (the ``keep_checkpoints`` most recent are kept); the
+                            newest one that reads is where a run resumes: no pointer file can disagree with it
     model_final.safetensors full model state dict, loadable by vocabseg.load_model(name, checkpoint=...)
     model_final.json        model name, model overrides, class names, iteration
 
@@ -40,12 +40,11 @@ __all__ = [
     "atomic_write", "atomic_write_text", "atomic_write_bytes", "checkpoint_path", "list_checkpoints",
     "save_checkpoint", "load_checkpoint", "find_resume_checkpoint", "remove_stale_tmp", "trainable_state",
     "load_trainable_state", "frozen_fingerprint", "capture_rng_state", "restore_rng_state", "save_final_model",
-    "LAST_POINTER", "FINAL_WEIGHTS", "FINAL_META",
+    "FINAL_WEIGHTS", "FINAL_META",
 ]
 
 CHECKPOINT_FORMAT = "vocabseg-train-checkpoint"
 CHECKPOINT_VERSION = 1
-LAST_POINTER = "last_checkpoint"
 FINAL_WEIGHTS = "model_final.safetensors"
 FINAL_META = "model_final.json"
 _NUMBERED = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -68,10 +67,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
+                 before_replace: Callable[[], None] | None = None) -> Path:
     """Call ``write(file)`` on ``PATH.tmp`` and rename it to ``PATH`` only once it is complete and on disk.
 
-    If ``write`` raises, the partial tmp file is removed and ``PATH`` is untouched.
+    If ``write`` raises, the partial tmp file is removed and ``PATH`` is untouched. ``before_replace`` runs between
+    the two (the crash tests kill the process there).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -220,12 +223,12 @@ def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike, iteration: int, keep: int = 0) -> Path:
-    """Write ``checkpoint_{iteration}.pt`` atomically, point ``last_checkpoint`` at it, keep the ``keep`` newest."""
+def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike, iteration: int, keep: int = 0,
+                    before_replace: Callable[[], None] | None = None) -> Path:
+    """Write ``checkpoint_{iteration}.pt`` atomically and keep the ``keep`` newest (0: all)."""
     path = checkpoint_path(folder, iteration)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state, "iteration": int(iteration)}
-    atomic_write(path, lambda f: torch.save(payload, f))
-    atomic_write_text(Path(folder) / LAST_POINTER, path.name + "\n")
+    atomic_write(path, lambda f: torch.save(payload, f), before_replace)
     if keep > 0:
         for _, old in list_checkpoints(folder)[:-keep]:
             if old != path:
@@ -257,20 +260,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint in ``folder`` and its contents, or None if there is none.
 
-    ``last_checkpoint`` is tried first; if it is missing or names an unreadable file, the numbered checkpoints
-    are tried newest first. Unreadable files are skipped with a warning; ``*.tmp`` files are never considered.
+    Numbered checkpoints are tried newest first; unreadable files are skipped with a warning, ``*.tmp`` files are
+    never considered. (A ``last_checkpoint`` pointer left by older versions is ignored: the listing is the truth.)
     """
-    folder = Path(folder)
-    candidates: list[Path] = []
-    pointer = folder / LAST_POINTER
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        if _NUMBERED.match(name):
-            candidates.append(folder / name)
-    candidates += [p for _, p in reversed(list_checkpoints(folder)) if p not in candidates]
-    for path in candidates:
-        if not path.is_file():
-            continue
+    for _, path in reversed(list_checkpoints(folder)):
         try:
             return path, load_checkpoint(path)
         except CheckpointError as e:
@@ -314,7 +307,8 @@ def truncate_log(path: Path, iteration: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("iter", 0) <= iteration:
+            row = json.loads(line)
+            if row.get("iter", row.get("step", 0)) <= iteration:
                 kept.append(line)
         except (json.JSONDecodeError, AttributeError):
             continue  # a line cut short by the kill

@@ -70,7 +70,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)
     seed: int = 0
     output_dir: str = "runs/train"
-    resume: Union[bool, str] = False  # true: continue from the last checkpoint (must exist); "auto": if any
+    resume: Union[bool, str] = "auto"  # auto: continue from the newest checkpoint if any; true: it must exist;
+    # false: start fresh (refused when the folder already holds checkpoints)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3  # most recent numbered checkpoints kept; 0 keeps all
     eval_every: int = 5000  # 0: evaluate only at the end
@@ -244,6 +245,10 @@ def dataclass_from_mapping(cls: type, data: Mapping[str, Any], where: str = ""):
     if not isinstance(data, Mapping):
         raise ConfigError(f"A training config must be a mapping of keys to values{where}, got {type(data).__name__}.")
     hints = _field_hints(cls)
+    data = dict(data)
+    family = data.pop("family", None)
+    if family is not None and family != CONFIG_FAMILY.get(cls.__name__, family):
+        raise ConfigError(f"family is {family!r}{where}, but this is a {CONFIG_FAMILY[cls.__name__]} config.")
     values = {}
     for key, value in data.items():
         if key not in hints:
@@ -356,10 +361,77 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically), so a run folder says exactly what produced it."""
+    return save_family_config("segmentation", config_to_dict(config), path)
+
+
+def save_family_config(family: str, data: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """A run's resolved config as YAML, ``family:`` first, so ``vocabseg train RUN/config.yaml`` repeats the run."""
     from .checkpoint import atomic_write_text
 
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+    text = yaml.safe_dump({"family": family, **data}, sort_keys=False, default_flow_style=False)
     return atomic_write_text(path, text)
+
+
+# ---------------------------------------------------------------------------------------------------- families
+
+# family name -> (module, Family class); a config says its family with ``family:`` or by what it holds
+FAMILIES: dict[str, tuple[str, str]] = {
+    "segmentation": ("vocabseg.engine.trainer", "SegmentationFamily"),
+    "referring": ("vocabseg.engine.referring", "ReferringFamily"),
+    "groupvit": ("vocabseg.engine.groupvit_train", "GroupViTFamily"),
+    "clip": ("vocabseg.engine.contrastive", "ClipFamily"),
+}
+CONFIG_FAMILY = {"TrainConfig": "segmentation", "ReferringTrainConfig": "referring",
+                 "GroupViTTrainConfig": "groupvit", "ContrastiveConfig": "clip"}
+_MODEL_FAMILY = {"etris": "referring", "groupvit": "groupvit"}  # registry family -> training family
+
+
+def family_class(name: str) -> type:
+    import importlib
+
+    if name not in FAMILIES:
+        raise ConfigError(f"family must be one of {', '.join(FAMILIES)}, got {name!r}.")
+    module, cls = FAMILIES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def detect_family(data: Mapping[str, Any]) -> str:
+    """The family of a config without a ``family:`` key: from its ``model`` (ETRIS -> referring, GroupViT ->
+    groupvit, other registered models -> segmentation), else CLIP when it has ContrastiveConfig-only keys."""
+    model = data.get("model")
+    if isinstance(model, str):
+        from ..models import get_entry
+
+        try:
+            return _MODEL_FAMILY.get(get_entry(model).family, "segmentation")
+        except ConfigError:
+            return "segmentation"  # its loader names the unknown model
+    clip_only = set(_field_hints(family_class("clip").config_cls)) - set(_field_hints(TrainConfig))
+    return "clip" if clip_only & set(data) else "segmentation"
+
+
+def load_family(path: str | os.PathLike, overrides: Iterable[str] = (), family: str | None = None):
+    """The :class:`vocabseg.engine.loop.Family` of a YAML config (any family), with ``key=value`` overrides.
+
+    ``family`` (the ``train-clip`` etc. aliases) insists on one; a ``family:`` key in the file must agree."""
+    p = Path(path).expanduser()
+    data = read_yaml_config(p)
+    overrides = list(overrides)
+    named = data.pop("family", None)
+    if named is not None and family is not None and named != family:
+        raise ConfigError(f"family is {named!r} in {p}, but this command trains {family} models.")
+    if named is not None and named not in FAMILIES:
+        raise ConfigError(f"family must be one of {', '.join(FAMILIES)} in {p}, got {named!r}.")
+    if family is None and named is None:
+        probe = dict(data)
+        for item in overrides:
+            key, _, value = item.partition("=")
+            if key.strip() == "model":
+                probe["model"] = yaml.safe_load(value)
+        family = detect_family(probe)
+    cls = family_class(family or named)
+    data = apply_overrides(data, overrides, cls.config_cls)
+    return cls(dataclass_from_mapping(cls.config_cls, data, f" in {p}"))
 
 
 def load_flat_config(cls: type, path: str | Path, overrides: Iterable[str] = ()):

@@ -4,8 +4,9 @@ This is how the embedded default gets a CLIP at all: nothing can be downloaded, 
 procedurally generated scenes whose captions name shapes, colours, textures and stuff with varied phrasing. The
 result is saved in OpenAI's state-dict layout (safetensors), so ``vocabseg.clip.load`` reads it like any CLIP.
 
-Resumable: a run writes ``last.pt`` atomically every ``checkpoint_every`` steps; the data of step ``k`` is a pure
-function of (seed, k), so a resumed run sees exactly the samples an uninterrupted run would.
+:class:`ClipFamily` is what CLIP training plugs into the shared loop (``loop.py``: checkpoints every
+``checkpoint_every`` steps, resume, logging, evaluation). The data of step ``k`` is a pure function of (seed, k), so
+a resumed run sees exactly the samples an uninterrupted run would; rerunning the command resumes.
 
 ``text_tower: minilm`` trains a LiT variant instead (:class:`vocabseg.clip.sentence.LiTCLIP`): the text tower is the
 pretrained all-MiniLM-L6-v2 sentence encoder, frozen (captions tokenised with its WordPiece tokenizer), and only the
@@ -16,12 +17,10 @@ image tower and the logit scale learn, so words the captions never use still mea
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from PIL import Image
 from ..clip.model import CLIP, CLIPConfig, OPENAI_MEAN, OPENAI_STD
 from ..clip.sentence import LIT_TEXT_TOWER, LiTCLIP, LiTConfig, load_lit, save_lit  # noqa: F401 (load_lit re-exported)
 from ..clip.tokenizer import tokenize
+from .loop import Family, RunSpec, run_family
 
 TEXT_TOWERS = ("clip", LIT_TEXT_TOWER)
 
@@ -69,7 +69,13 @@ class ContrastiveConfig:
     hard_negative_groups: float = 0.0
     group_size: int = 8
     world_overrides: dict = field(default_factory=dict)
-    eval_samples: int = 300
+    eval_samples: int = 300  # zero-shot report (held-out single-object scenes) at the end; 0: none
+    # run (the shared loop's settings)
+    eval_every: int = 0  # 0: evaluate only at the end
+    keep_checkpoints: int = 2  # numbered checkpoints kept; 0: all
+    clip_grad: float = 1.0
+    resume: Union[bool, str] = "auto"  # auto: continue from the newest checkpoint in output_dir, if any
+    device: str = "cpu"
 
 
 def clip_config(cfg: ContrastiveConfig) -> CLIPConfig:
@@ -140,10 +146,6 @@ class WorldPairs(torch.utils.data.Dataset):
         return to_clip_tensor(sample.image, self.cfg.image_resolution), caption
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # data workers only render scenes; leave the cores to the training step
-
-
 def _collate(items):
     images = torch.stack([i[0] for i in items])
     return images, tokenize([i[1] for i in items])
@@ -160,108 +162,127 @@ class _CollateWith:
         return images, self.tokenizer([i[1] for i in items])
 
 
-def lr_at(cfg: ContrastiveConfig, step: int) -> float:
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
-    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def cosine_factor(step: int, warmup_iters: int, max_iters: int) -> float:
+    """Linear warm-up to 1 over ``warmup_iters`` steps, then cosine decay to 0 at ``max_iters``."""
+    if step < warmup_iters:
+        return (step + 1) / warmup_iters
+    progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def lr_at(cfg, step: int) -> float:
+    return cfg.lr * cosine_factor(step, cfg.warmup_iters, cfg.max_iters)
 
 
-def _last_step(cfg: ContrastiveConfig) -> int:
-    return min(cfg.max_iters, cfg.stop_after) if cfg.stop_after else cfg.max_iters
+class StepBatches(torch.utils.data.Sampler):
+    """Batch ``k`` is items ``k·B .. (k+1)·B - 1``: the data of a step depends only on its number (exact resume)."""
 
-
-class _StepSampler(torch.utils.data.Sampler):
-    """Indices step*batch .. : the data of a step depends only on the step number (exact resume)."""
-
-    def __init__(self, start_step: int, max_iters: int, batch_size: int):
-        self.start, self.stop, self.batch = start_step, max_iters, batch_size
+    def __init__(self, start_step: int, batch_size: int):
+        self.start, self.batch = start_step, batch_size
 
     def __iter__(self):
-        return iter(range(self.start * self.batch, self.stop * self.batch))
+        step = self.start
+        while True:
+            yield list(range(step * self.batch, (step + 1) * self.batch))
+            step += 1
 
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.batch
+
+class WorldCaptionFamily(Family):
+    """What the two image-caption trainings on world scenes share (CLIP and GroupViT): their run fields, the
+    warm-up + cosine schedule, step ``k`` reading items ``k·B ..``, the logit scale in the log, the end-of-run
+    evaluation on ``eval_samples`` held-out scenes."""
+
+    def spec(self) -> RunSpec:
+        c = self.config
+        return RunSpec(output_dir=c.output_dir, seed=c.seed, max_iters=c.max_iters,
+                       stop_at=getattr(c, "stop_after", None), log_every=c.log_every,
+                       checkpoint_every=c.checkpoint_every, eval_every=c.eval_every,
+                       keep_checkpoints=c.keep_checkpoints, clip_grad=c.clip_grad, device=c.device, resume=c.resume,
+                       num_workers=c.num_workers, progress=False)
+
+    def lr_factor(self, step: int) -> float:
+        return cosine_factor(step, self.config.warmup_iters, self.config.max_iters)
+
+    def batch_sampler(self, start_step: int, info):
+        return StepBatches(start_step, self.config.batch_size)
+
+    def log_extras(self, model) -> dict[str, float]:
+        return {"logit_scale": float(model.logit_scale.detach().exp())}
+
+    def has_eval(self) -> bool:
+        return self.config.eval_samples > 0
+
+
+class ClipFamily(WorldCaptionFamily):
+    """A small CLIP (or LiT: frozen MiniLM text tower) learning from world scenes and their captions."""
+
+    name = "clip"
+    config_cls = ContrastiveConfig
+    identity_keys = ("seed", "image_resolution", "patch_size", "vision_width", "vision_layers", "text_width",
+                     "text_layers", "embed_dim", "text_tower", "batch_size")
+
+    def describe(self, info, start: int) -> str:
+        c = self.config
+        return (f"training a CLIP ({c.text_tower} text tower) on world captions: batch {c.batch_size}, steps "
+                f"{start}..{self.spec().last_step} of {c.max_iters}, device {info.device}")
+
+    def build_model(self, device):
+        if self.config.text_tower not in TEXT_TOWERS:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"unknown text_tower {self.config.text_tower!r}; use one of {', '.join(TEXT_TOWERS)}")
+        model = build_model(self.config).to(device).train()
+        self.labels = torch.arange(self.config.batch_size, device=device)
+        return model
+
+    def optimizer(self, model) -> torch.optim.Optimizer:
+        # A LiTCLIP's frozen text tower is not among its parameters; the filter keeps any other frozen tensor out too.
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+        no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr, betas=(0.9, 0.98),
+                                 eps=1e-6)
+
+    def dataset(self, model):
+        return WorldPairs(self.config)
+
+    def collate(self, model):
+        return _CollateWith(model.tokenizer) if isinstance(model, LiTCLIP) else _collate
+
+    def losses(self, net, model, batch, step, device, amp):
+        images, tokens = batch
+        with amp():
+            logits, _ = net(images.to(device), tokens.to(device))
+        logits = logits.float()
+        target = self.labels[: logits.shape[0]]
+        return {"total_loss": (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2}
+
+    def after_step(self, model) -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    def evaluate(self, model, step, progress):
+        report = zero_shot_report(model, self.config)
+        return {f"{task}_acc": r["accuracy"] for task, r in report.items()}, report
+
+    def save_final(self, model, out, step, metrics) -> Path:
+        from ..clip.load import save_state_dict
+
+        if isinstance(model, LiTCLIP):
+            return save_lit(model, out / "lit_clip.safetensors")
+        final = out / "tiny_clip.safetensors"
+        save_state_dict(model, final)
+        return final
 
 
 def train_clip(cfg: ContrastiveConfig, resume: bool = True, log=print) -> Path:
     """Train (or continue training) the small CLIP; returns the path of the final safetensors: OpenAI-layout
-    ``tiny_clip.safetensors``, or ``lit_clip.safetensors`` (image tower + logit scale) with ``text_tower: minilm``."""
-    from ..clip.load import save_state_dict
-    from ..errors import ConfigError
-
-    if cfg.text_tower not in TEXT_TOWERS:
-        raise ConfigError(f"unknown text_tower {cfg.text_tower!r}; use one of {', '.join(TEXT_TOWERS)}")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    # A LiTCLIP's frozen text tower is not among its parameters; the filter keeps any other frozen tensor out too.
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    step = 0
-    ckpt = out / "last.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        log(f"resumed from {ckpt} at step {step}")
-    loader = torch.utils.data.DataLoader(
-        WorldPairs(cfg), batch_size=cfg.batch_size, sampler=_StepSampler(step, _last_step(cfg), cfg.batch_size),
-        num_workers=cfg.num_workers,
-        collate_fn=_CollateWith(model.tokenizer) if isinstance(model, LiTCLIP) else _collate,
-        worker_init_fn=_worker_init, persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
-    model.train()
-    labels = torch.arange(cfg.batch_size)
-    t_last, losses = time.perf_counter(), []
-    with open(out / "metrics.jsonl", "a") as logf:
-        for images, tokens in loader:
-            if step >= _last_step(cfg):
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            logits, _ = model(images, tokens)
-            target = labels[: logits.shape[0]]
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            losses.append(loss.item())
-            if step % cfg.log_every == 0:
-                dt = time.perf_counter() - t_last
-                t_last = time.perf_counter()
-                rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr_at(cfg, step - 1),
-                       "logit_scale": float(model.logit_scale.detach().exp()), "img_per_s": cfg.log_every * cfg.batch_size / dt}
-                losses = []
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-                log(json.dumps(rec))
-            if step % cfg.checkpoint_every == 0 or step == _last_step(cfg):
-                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
-    model.eval()
-    if isinstance(model, LiTCLIP):
-        return save_lit(model, out / "lit_clip.safetensors")
-    final = out / "tiny_clip.safetensors"
-    save_state_dict(model, final)
-    return final
+    ``tiny_clip.safetensors``, or ``lit_clip.safetensors`` (image tower + logit scale) with ``text_tower: minilm``.
+    ``resume=False`` starts afresh (refused when output_dir already holds checkpoints)."""
+    if not resume:
+        cfg = dataclasses.replace(cfg, resume=False)
+    return Path(run_family(ClipFamily(cfg), log=log)["final_weights"])
 
 
 @torch.inference_mode()

@@ -8,30 +8,31 @@ padded with the caption itself. Losses: image-text contrastive + multi-label con
 (:mod:`vocabseg.losses.contrastive`).
 
 The data pipeline is the CLIP one of :mod:`vocabseg.engine.contrastive` (``WorldPairs``: item i is a pure function
-of (seed, i); ``_StepSampler``: step k reads items k·B .. so a resumed run sees the same data as an uninterrupted
-one; its cosine schedule ``lr_at``), so both trainings read the same kind of world samples.
+of (seed, i); ``StepBatches``: step k reads items k·B .. so a resumed run sees the same data as an uninterrupted
+one; its cosine schedule), so both trainings read the same kind of world samples. :class:`GroupViTFamily` is what
+GroupViT plugs into the shared loop (``loop.py``).
 
-    python -m vocabseg.engine.groupvit_train configs/groupvit_tiny_world.yaml   (rerun to resume)
+    vocabseg train configs/groupvit_tiny_world.yaml   (rerun to resume; train-groupvit is the same)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..clip.tokenizer import tokenize
 from ..errors import ConfigError
-from .contrastive import ContrastiveConfig, WorldPairs, _atomic_save, _StepSampler, _worker_init, lr_at
+from .contrastive import ContrastiveConfig, WorldCaptionFamily, WorldPairs
+from .loop import run_family
 
 __all__ = ["GroupViTTrainConfig", "caption_nouns", "prompted_nouns", "WorldCaptionNouns", "train_groupvit",
-           "load_groupvit_train_config", "evaluate_world_zero_shot", "build_groupvit"]
+           "load_groupvit_train_config", "evaluate_world_zero_shot", "build_groupvit", "GroupViTFamily"]
 
 NOUN_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
@@ -92,9 +93,14 @@ class GroupViTTrainConfig:
     world_max_objects: int = 3
     single_object_prob: float = 0.4
     world_overrides: dict = field(default_factory=dict)
-    # zero-shot evaluation at the end (held-out seeds)
+    # zero-shot evaluation (held-out seeds) at the end and every eval_every steps; eval_samples 0: none
     eval_samples: int = 100
     eval_scheme: Any = "category"
+    eval_every: int = 0
+    # run (the shared loop's settings)
+    keep_checkpoints: int = 2  # numbered checkpoints kept; 0: all
+    resume: Union[bool, str] = "auto"  # auto: continue from the newest checkpoint in output_dir, if any
+    device: str = "cpu"
 
 
 def data_config(cfg: GroupViTTrainConfig) -> ContrastiveConfig:
@@ -173,68 +179,72 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class GroupViTFamily(WorldCaptionFamily):
+    """GroupViT from scratch on world captions: image-text + multi-label contrastive losses, zero-shot mIoU."""
+
+    name = "groupvit"
+    config_cls = GroupViTTrainConfig
+    identity_keys = ("model", "model_overrides", "image_resolution", "multi_label", "noun_templates", "seed",
+                     "batch_size")
+
+    def describe(self, info, start: int) -> str:
+        return (f"training {self.config.model} on world captions: batch {self.config.batch_size}, steps "
+                f"{start}..{self.config.max_iters}, device {info.device}")
+
+    def build_model(self, device):
+        from ..losses.contrastive import GroupViTLoss
+
+        if self.config.multi_label < 0:
+            raise ConfigError(f"multi_label must be >= 0, got {self.config.multi_label}")
+        self.criterion = GroupViTLoss(self.config.multi_label_weight)
+        return build_groupvit(self.config).to(device).train()
+
+    def optimizer(self, model) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(_param_groups(model, self.config.weight_decay), lr=self.config.lr,
+                                 betas=(0.9, 0.999), eps=1e-8)
+
+    def dataset(self, model):
+        return WorldCaptionNouns(self.config)
+
+    def collate(self, model):
+        return collate_caption_nouns
+
+    def losses(self, net, model, batch, step, device, amp):
+        images = to_model_pixels(batch["images"].to(device), model)
+        nouns = batch["nouns"].to(device) if batch["nouns"] is not None else None
+        with amp():
+            outputs = model.contrastive_outputs(images, batch["captions"].to(device), nouns)
+        losses = self.criterion(outputs)
+        return {**losses, "total_loss": self.criterion.weighted_total(losses)}
+
+    def evaluate(self, model, step, progress):
+        """Zero-shot mIoU on held-out scenes and how well the groups follow the objects (:func:`grouping_report`)."""
+        from ..data.world import WorldConfig, WorldDataset
+
+        cfg = self.config
+        world = {"min_size": cfg.world_min_size, "max_size": cfg.world_max_size,
+                 "max_objects": cfg.world_max_objects, **cfg.world_overrides}
+        report = evaluate_world_zero_shot(model, cfg.eval_samples, scheme=cfg.eval_scheme, world=world)
+        held_out = WorldDataset(cfg.eval_samples, seed=ZERO_SHOT_SEED, config=WorldConfig(**world),
+                                scheme=cfg.eval_scheme)
+        report["grouping"] = g = grouping_report(model, held_out)
+        line = {"mIoU": report["mIoU"], "pACC": report["pACC"], "oracle_mIoU": g["oracle_mIoU"],
+                "groups_per_image": g["groups_per_image"]}
+        return line, report
+
+    def save_final(self, model, out, step, metrics) -> Path:
+        if metrics:
+            (out / "zero_shot.json").write_text(json.dumps(metrics, indent=2))
+        return save_groupvit(model, self.config, out)
+
+
 def train_groupvit(cfg: GroupViTTrainConfig, resume: bool = True, log=print) -> Path:
     """Train (or continue) GroupViT on world captions; returns ``groupvit.safetensors`` in ``output_dir``, loadable
-    with ``vocabseg.load_model(cfg.model, checkpoint=..., **cfg.model_overrides)`` (``model.json`` records both)."""
-    from ..losses.contrastive import GroupViTLoss
-
-    if cfg.multi_label < 0:
-        raise ConfigError(f"multi_label must be >= 0, got {cfg.multi_label}")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    model = build_groupvit(cfg)
-    criterion = GroupViTLoss(cfg.multi_label_weight)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    step = 0
-    ckpt = out / "last.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        log(f"resumed from {ckpt} at step {step}")
-    loader = torch.utils.data.DataLoader(
-        WorldCaptionNouns(cfg), batch_size=cfg.batch_size,
-        sampler=_StepSampler(step, cfg.max_iters, cfg.batch_size), num_workers=cfg.num_workers,
-        collate_fn=collate_caption_nouns, worker_init_fn=_worker_init, persistent_workers=False,
-        prefetch_factor=4 if cfg.num_workers else None)
-    model.train()
-    t_last, window = time.perf_counter(), {}
-    with open(out / "metrics.jsonl", "a") as logf:
-        for batch in loader:
-            if step >= cfg.max_iters:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            images = to_model_pixels(batch["images"], model)
-            outputs = model.contrastive_outputs(images, batch["captions"], batch["nouns"])
-            losses = criterion(outputs)
-            total = criterion.weighted_total(losses)
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"the loss is {total.item()} at step {step}; lower lr")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            step += 1
-            for k, v in {**losses, "loss": total}.items():
-                window.setdefault(k, []).append(float(v.detach()))
-            if step % cfg.log_every == 0 or step == cfg.max_iters:
-                dt = time.perf_counter() - t_last
-                t_last = time.perf_counter()
-                n = len(window["loss"])
-                rec = {"step": step, **{k: float(np.mean(v)) for k, v in window.items()}, "lr": lr_at(cfg, step - 1),
-                       "logit_scale": float(model.logit_scale.detach().exp()), "img_per_s": n * cfg.batch_size / dt}
-                window = {}
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-                log(json.dumps(rec))
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_iters:
-                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
-    model.eval()
-    return save_groupvit(model, cfg, out)
+    with ``vocabseg.load_model(cfg.model, checkpoint=..., **cfg.model_overrides)`` (``model.json`` records both).
+    The zero-shot report of the end goes to ``zero_shot.json``."""
+    if not resume:
+        cfg = dataclasses.replace(cfg, resume=False)
+    return Path(run_family(GroupViTFamily(cfg), log=log)["final_weights"])
 
 
 def save_groupvit(model, cfg: GroupViTTrainConfig, out: Path) -> Path:
@@ -333,28 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(main.__doc__)
         return 2
     cfg = load_groupvit_train_config(args[0], args[1:])
-    from ..models import groupvit as _registers  # noqa: F401
-    from ..models import load_model
+    if not eval_only:
+        train_groupvit(cfg)
+    elif cfg.eval_samples:
+        from ..models import groupvit as _registers  # noqa: F401
+        from ..models import load_model
 
-    if eval_only:
         path = Path(cfg.output_dir) / "groupvit.safetensors"
         model = load_model(cfg.model, checkpoint=path, **cfg.model_overrides)
-    else:
-        path = train_groupvit(cfg)
-        model = load_model(cfg.model, checkpoint=path, **cfg.model_overrides)
-    if cfg.eval_samples:
-        from ..data.world import WorldConfig, WorldDataset
-
-        world = {"min_size": cfg.world_min_size, "max_size": cfg.world_max_size,
-                 "max_objects": cfg.world_max_objects, **cfg.world_overrides}
-        report = evaluate_world_zero_shot(model, cfg.eval_samples, scheme=cfg.eval_scheme, world=world)
-        held_out = WorldDataset(cfg.eval_samples, seed=ZERO_SHOT_SEED, config=WorldConfig(**world),
-                                scheme=cfg.eval_scheme)
-        report["grouping"] = grouping_report(model, held_out)
-        g = report["grouping"]
-        print(json.dumps({k: v for k, v in report.items() if k not in ("IoU", "grouping")}))
-        print(json.dumps({"oracle_mIoU": g["oracle_mIoU"], "groups_per_image": g["groups_per_image"],
-                          "num_groups": g["num_groups"]}))
+        line, report = GroupViTFamily(cfg).evaluate(model, cfg.max_iters, False)
+        print(json.dumps(line))
         (Path(cfg.output_dir) / "zero_shot.json").write_text(json.dumps(report, indent=2))
     return 0
 

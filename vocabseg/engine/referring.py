@@ -1,11 +1,9 @@
 """Training and evaluating referring-segmentation models (ETRIS): ``train_referring(config)``,
 ``evaluate_referring(model, dataset)``.
 
-The semantic-segmentation trainer (``trainer.py``) works on label maps and class vocabularies; a referring model
-takes (image, sentence) pairs and predicts one mask, so it gets this small loop of its own. What it shares with
-the main trainer: atomic, resumable checkpoints (``checkpoint.py``: trainable tensors, optimizer, RNG states, a
-fingerprint of the frozen CLIP), ``metrics.jsonl`` logging, ``model_final.safetensors`` + ``model_final.json``
-loadable by ``vocabseg.load_model(name, checkpoint=...)``.
+A referring model takes (image, sentence) pairs and predicts one mask; :class:`ReferringFamily` is what it plugs
+into the shared loop (``loop.py``: checkpoints, resume, logging, evaluation). ``model_final.safetensors`` +
+``model_final.json`` load with ``vocabseg.load_model(name, checkpoint=...)``.
 
 The recipe (paper, ``configs/etris_vit_b_16_refcoco.yaml``): Adam, lr 1e-4 (Bridgers 1e-3), no weight decay,
 ×0.1 after epoch 35 of 50, batch 32, images letterboxed to 416 px, BCE at 1/4 resolution. Epochs are converted to
@@ -16,12 +14,9 @@ so a resumed run continues exactly where it stopped without storing sampler stat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -33,12 +28,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import CheckpointError, ConfigError
 from ..metrics import ReferringMeter
 from . import checkpoint as ckpt
+from .loop import Family, RunSpec, run_family
 
 __all__ = ["ReferringTrainConfig", "load_referring_config", "train_referring", "evaluate_referring",
-           "build_referring_dataset", "referring_lr_factor"]
-
-METRICS_LOG = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
+           "build_referring_dataset", "referring_lr_factor", "ReferringFamily"]
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -347,18 +340,106 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(amp: str, device: torch.device):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+# ----------------------------------------------------------------------------------------------- family
 
 
-def _log(path: Path, record: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(dict(record)) + "\n")
+class ReferringFamily(Family):
+    """(image, sentence) -> one mask: ETRIS models on RefCOCO-style data or the generated referring world."""
 
+    name = "referring"
+    config_cls = ReferringTrainConfig
+    identity_keys = ("model", "model_overrides", "dataset", "split_by", "train_split", "world", "seed", "batch_size")
 
-# ----------------------------------------------------------------------------------------------- training
+    def __init__(self, config: ReferringTrainConfig, train_dataset=None,
+                 val_datasets: Mapping[str, Any] | None = None) -> None:
+        super().__init__(config)
+        self.train_ds, self.val_datasets = train_dataset, val_datasets
+        self.total: int | None = None
+        self._baselines: dict[str, dict[str, float]] = {}
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def spec(self) -> RunSpec:
+        c = self.config
+        total = self.total or c.max_iters or 1
+        return RunSpec(output_dir=c.output_dir, seed=c.seed, max_iters=total, log_every=c.log_every,
+                       checkpoint_every=c.checkpoint_every, eval_every=c.eval_every,
+                       keep_checkpoints=c.keep_checkpoints, clip_grad=c.clip_grad, amp=c.amp, device=c.device,
+                       resume=c.resume, progress=c.verbose, verbose=c.verbose, num_workers=c.num_workers)
+
+    def describe(self, info, start: int) -> str:
+        return (f"training {self.config.model} on {len(self.train_ds)} referring items, batch "
+                f"{self.config.batch_size}, steps {start}..{self.total}, device {info.device}")
+
+    def prepare(self, info) -> None:
+        cfg = self.config
+        if self.train_ds is None:
+            self.train_ds = build_referring_dataset(cfg, cfg.train_split, True)
+        if self.val_datasets is None:
+            self.val_datasets = {s: build_referring_dataset(cfg, s) for s in cfg.val_splits}
+        if len(self.train_ds) == 0:
+            raise ConfigError("the training split is empty")
+        per_epoch = max(1, len(self.train_ds) // cfg.batch_size)
+        self.total = cfg.max_iters if cfg.max_iters is not None else max(1, int(round(cfg.epochs * per_epoch)))
+        self.milestones = [int(round(m * per_epoch)) for m in cfg.milestones]
+
+    def build_model(self, device: torch.device):
+        model = _build_model(self.config, device).train()
+        self.criterion = model.build_criterion(dice_weight=self.config.dice_weight)
+        return model
+
+    def optimizer(self, model) -> torch.optim.Optimizer:
+        cfg = self.config
+        return torch.optim.Adam(model.parameter_groups(cfg.lr, cfg.bridger_lr), lr=cfg.lr,
+                                weight_decay=cfg.weight_decay)
+
+    def lr_factor(self, step: int) -> float:
+        return referring_lr_factor(step, self.milestones, self.config.lr_decay)
+
+    def dataset(self, model) -> Dataset:
+        return _TrainItems(self.train_ds, model.config.input_size, self.config.seed)
+
+    def batch_sampler(self, start_step: int, info) -> Sampler:
+        return _Batches(len(self.train_ds), self.config.batch_size, self.config.seed, start_step, self.total)
+
+    def collate(self, model):
+        return _collate
+
+    def losses(self, net, model, batch, step, device, amp) -> dict[str, torch.Tensor]:
+        pixels, masks, sentences = batch
+        pixels = model.normalize_pixels(pixels.to(device, non_blocking=True))
+        tokens = model.tokenize(sentences)
+        targets = model.training_targets(masks).to(device)
+        with amp():
+            outputs = net(pixels, tokens)
+        losses = self.criterion({k: v.float() for k, v in outputs.items()}, targets)
+        return {**losses, "total_loss": self.criterion.weighted_total(losses)}
+
+    def has_eval(self) -> bool:
+        return bool(self.val_datasets)
+
+    def evaluate(self, model, step, progress) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Each validation split, and on the generated world the answer-the-biggest-object baseline next to it."""
+        results: dict[str, dict[str, float]] = {}
+        for split, ds in self.val_datasets.items():
+            results[split] = evaluate_referring(model, ds, self.config.val_max_items)
+            if hasattr(ds, "referring_sample"):
+                if split not in self._baselines:  # does not depend on the model: computed once per run
+                    self._baselines[split] = largest_object_baseline(ds, self.config.val_max_items)
+                results[f"{split} (largest-object baseline)"] = self._baselines[split]
+        line = {f"{split}/{k}": v for split, r in results.items() if "baseline" not in split for k, v in r.items()}
+        return line, results
+
+    def eval_summary(self, line) -> str:
+        return "  ".join(f"{split}: mIoU {line[f'{split}/mIoU']:.2f} oIoU {line[f'{split}/oIoU']:.2f}"
+                         for split in self.val_datasets)
+
+    def save_final(self, model, out, step, metrics) -> Path:
+        cfg = self.config
+        meta = {"model": cfg.model, "model_overrides": cfg.model_overrides, "iteration": step, "task": "referring",
+                "metrics": metrics or {}}
+        return ckpt.save_final_model(model, out, meta)[0]
 
 
 def train_referring(config: ReferringTrainConfig | Mapping[str, Any] | str | os.PathLike,
@@ -368,140 +449,12 @@ def train_referring(config: ReferringTrainConfig | Mapping[str, Any] | str | os.
 
     ``train_dataset`` / ``val_datasets`` replace the datasets the config names (items as in
     :mod:`vocabseg.data.refcoco`). Returns ``{"iteration", "final_weights", "last_checkpoint", "losses",
-    "metrics": {split: {...}}}``.
+    "metrics": {split: {...}}}`` (losses: the last log line's means).
     """
-    import yaml
-
     cfg = load_referring_config(config, overrides)
-    device = _device(cfg.device)
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("amp=fp16 needs a CUDA device; use bf16 or none")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_tmp(out)
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.verbose else (lambda msg: None)
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    model = _build_model(cfg, device)
-    model.train()
-    size = model.config.input_size
-    train_ds = train_dataset if train_dataset is not None else build_referring_dataset(cfg, cfg.train_split, True)
-    if val_datasets is None:
-        val_datasets = {s: build_referring_dataset(cfg, s) for s in cfg.val_splits}
-    if len(train_ds) == 0:
-        raise ConfigError("the training split is empty")
-    per_epoch = max(1, len(train_ds) // cfg.batch_size)
-    total = cfg.max_iters if cfg.max_iters is not None else max(1, int(round(cfg.epochs * per_epoch)))
-    milestones = [int(round(m * per_epoch)) for m in cfg.milestones]
-
-    groups = model.parameter_groups(cfg.lr, cfg.bridger_lr)
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    criterion = model.build_criterion(dice_weight=cfg.dice_weight)
-
-    start = 0
-    found = ckpt.find_resume_checkpoint(out) if cfg.resume else None
-    if cfg.resume is True and found is None:
-        raise CheckpointError(f"resume=true but {out} holds no checkpoint")
-    if found is not None:
-        path, state = found
-        if state.get("model_name") != cfg.model:
-            raise CheckpointError(f"{path} was written for model {state.get('model_name')!r}, not {cfg.model!r}")
-        if state.get("fingerprint") != ckpt.frozen_fingerprint(model):
-            raise CheckpointError(f"{path} was trained on other frozen CLIP weights; pass the same clip: file")
-        ckpt.load_trainable_state(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng_state(state["rng"])
-        start = int(state["iteration"])
-        ckpt.truncate_log(out / METRICS_LOG, start)
-        say(f"resumed from {path.name} at step {start}")
-    ckpt.atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    def save(iteration: int) -> Path:
-        state = {"model": ckpt.trainable_state(model), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else {}, "rng": ckpt.capture_rng_state(),
-                 "config": cfg.to_dict(), "fingerprint": ckpt.frozen_fingerprint(model), "model_name": cfg.model}
-        return ckpt.save_checkpoint(state, out, iteration, keep=cfg.keep_checkpoints)
-
-    baselines: dict[str, dict[str, float]] = {}
-
-    def evaluate_all(iteration: int) -> dict[str, dict[str, float]]:
-        results = {}
-        for split, ds in val_datasets.items():
-            results[split] = evaluate_referring(model, ds, cfg.val_max_items)
-            _log(out / METRICS_LOG, {"iter": iteration, "split": split, **results[split]})
-            r = results[split]
-            say(f"step {iteration} {split}: mIoU {r['mIoU']:.2f} oIoU {r['oIoU']:.2f} Prec@0.5 {r['Prec@0.5']:.2f}")
-            if hasattr(ds, "referring_sample"):  # generated world: the answer-the-biggest-object baseline
-                if split not in baselines:  # does not depend on the model: computed once per run
-                    baselines[split] = largest_object_baseline(ds, cfg.val_max_items)
-                b = results[f"{split} (largest-object baseline)"] = baselines[split]
-                _log(out / METRICS_LOG, {"iter": iteration, "split": f"{split} (largest-object baseline)", **b})
-                say(f"  largest-object baseline on {split}: mIoU {b['mIoU']:.2f} oIoU {b['oIoU']:.2f} "
-                    f"Prec@0.5 {b['Prec@0.5']:.2f}")
-        return results
-
-    loader = DataLoader(_TrainItems(train_ds, size, cfg.seed), batch_sampler=_Batches(
-        len(train_ds), cfg.batch_size, cfg.seed, start, total), collate_fn=_collate, num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG stays as restored
-    losses: list[float] = []
-    metrics: dict[str, dict[str, float]] = {}
-    last = None
-    t0, window = time.perf_counter(), []
-    it = start
-    for it, (pixels, masks, sentences) in enumerate(loader, start=start):
-        factor = referring_lr_factor(it, milestones, cfg.lr_decay)
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * factor
-        pixels = model.normalize_pixels(pixels.to(device, non_blocking=True))
-        tokens = model.tokenize(sentences)
-        targets = model.training_targets(masks).to(device)
-        with _autocast(cfg.amp, device):
-            outputs = model(pixels, tokens)
-        loss_dict = criterion({k: v.float() for k, v in outputs.items()}, targets)
-        loss = criterion.weighted_total(loss_dict)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss.item()} at step {it}; lower lr or use amp=none")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        losses.append(float(loss.item()))
-        window.append(losses[-1])
-        step = it + 1
-        if step % cfg.log_every == 0 or step == total:
-            dt = (time.perf_counter() - t0) / len(window)
-            record = {"iter": step, "loss": float(np.mean(window)), "lr": cfg.lr * factor, "sec_per_step": dt}
-            _log(out / METRICS_LOG, record)
-            say(f"step {step}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} {dt:.2f} s/step")
-            t0, window = time.perf_counter(), []
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            last = save(step)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            metrics = evaluate_all(step)
-    final_step = max(total, start)
-    if start < total or last is None:
-        last = save(final_step)
-    metrics = evaluate_all(final_step) if val_datasets else {}
-    meta = {"model": cfg.model, "model_overrides": cfg.model_overrides, "iteration": final_step,
-            "task": "referring", "metrics": metrics}
-    weights, _ = ckpt.save_final_model(model, out, meta)
-    return {"iteration": final_step, "final_weights": str(weights), "last_checkpoint": str(last),
-            "losses": losses, "metrics": metrics}
+    result = run_family(ReferringFamily(cfg, train_dataset, val_datasets))
+    result["metrics"] = result["metrics"] or {}
+    return result
 
 
 def bundle_referring_weights(final_weights: str | os.PathLike, out_path: str | os.PathLike) -> dict[str, int]:
