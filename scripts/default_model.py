@@ -164,10 +164,28 @@ def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | No
     print(f"{'':{width}}  " + "  ".join(f"{n:>18}" for n in results))
     for k in keys:
         cells = [results[n][k] for n in results]
-        print(f"{k:{width}}  " + "  ".join(f"{c:>18.1f}" if isinstance(c, float) else f"{str(c):>18}" for c in cells))
+        print(f"{k:{width}}  " + "  ".join(f"{c:>18.2f}" if isinstance(c, float) and c < 1 else f"{c:>18.1f}"
+                                            if isinstance(c, float) else f"{str(c):>18}" for c in cells))
     if out is not None:
         out.write_text(json.dumps(results, indent=1))
     return results
+
+
+def measure_tables(results: dict) -> str:
+    """Markdown: the side-by-side figures, then every drawing's per-object IoU for each candidate."""
+    names = list(results)
+    keys = [k for k in results[names[0]] if not k.startswith("_")]
+    fmt = lambda v: (f"{v:.2f}" if v < 1 else f"{v:.1f}") if isinstance(v, float) else str(v)  # noqa: E731
+    rows = ["| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    rows += [f"| {k} | " + " | ".join(fmt(results[n][k]) for n in names) + " |" for k in keys]
+    rows += ["", "Per-object IoU on every drawing (objects, then the background; " + " / ".join(names) + "):", "",
+             "| drawing | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for part in ("issue", "drawings", "pairs"):
+        recs = [results[n]["_details"][part]["records"] for n in names]
+        for i, rec in enumerate(recs[0]):
+            cells = [", ".join(f"{k} {v:.0f}" for k, v in r[i]["IoU"].items()) for r in recs]
+            rows.append(f"| {rec['kind']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def results_table(report: dict) -> str:
@@ -200,6 +218,15 @@ def results_table(report: dict) -> str:
         f"{report['held_out_images']} (eval seed {report['eval_seed']}); command: `python scripts/default_model.py evaluate -n {report['held_out_images']}`."
 
 
+def _replace_block(doc: Path, tag: str, body: str) -> None:
+    """Replace the text between <!-- tag --> and <!-- /tag --> in ``doc``."""
+    text = doc.read_text()
+    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    if start in text:
+        head, rest = text.split(start, 1)
+        doc.write_text(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -216,20 +243,17 @@ def main() -> None:
     m.add_argument("-n", type=int, default=150, help="held-out world scenes")
     m.add_argument("--drawings", type=int, default=60, help="random out-of-generator drawings")
     m.add_argument("--out", type=Path, default=None, help="also write every figure as JSON here")
+    m.add_argument("--doc", action="store_true", help="write the tables into docs/default_model.md")
     args = parser.parse_args()
     if args.cmd == "measure":
-        measure(args.candidate or ["shipped"], args.n, args.drawings, args.out)
+        results = measure(args.candidate or ["shipped"], args.n, args.drawings, args.out)
+        if args.doc:
+            _replace_block(ROOT / "docs" / "default_model.md", "measure", measure_tables(results))
     elif args.cmd == "ship":
         ship(args.clip_run, args.san_run)
     else:
         report = evaluate(args.n, args.out, args.closed_run)
-        doc = ROOT / "docs" / "default_model.md"
-        text = doc.read_text()
-        start, end = "<!-- results -->", "<!-- /results -->"
-        if start in text:
-            head, rest = text.split(start, 1)
-            text = head + start + "\n" + results_table(report) + "\n" + end + rest.split(end, 1)[1]
-            doc.write_text(text)
+        _replace_block(ROOT / "docs" / "default_model.md", "results", results_table(report))
 
 
 if __name__ == "__main__":
