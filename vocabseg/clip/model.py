@@ -100,10 +100,12 @@ def config_for(arch: str, **overrides) -> CLIPConfig:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (OpenAI's weights were trained with fp16 activations)."""
+    """LayerNorm computed in float32 (OpenAI's weights were trained with fp16 activations), also with bf16 weights."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):

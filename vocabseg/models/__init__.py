@@ -18,15 +18,19 @@ from . import clims_release, etris_release, lseg_release, segvit_release  # noqa
 
 
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, clip: str | Path | None = None,
-               device: str | torch.device = "cpu", trust_jit: bool = False, **overrides: Any) -> torch.nn.Module:
+               device: str | torch.device = "cpu", trust_jit: bool = False, dtype: str | torch.dtype = "float32",
+               **overrides: Any) -> torch.nn.Module:
     """Build a registered model and load its weights, in eval mode.
 
     ``checkpoint``: our own or the official release file of that model. ``clip``: separate CLIP weights (OpenAI or
     open_clip file) for checkpoints that carry none. With neither, the model's bundled weights are used if it has
-    any, else it is randomly initialised with a warning.
+    any, else it is randomly initialised with a warning. ``dtype``: ``"float32"`` (default) or ``"bfloat16"``
+    (weights, image and text towers in bf16; class scores are still combined in fp32).
     """
     from ..clip.load import drop_non_weights, read_state_dict
+    from ..runtime import cast_model, resolve_dtype
 
+    dtype = resolve_dtype(dtype)
     name = name or DEFAULT_MODEL
     entry = get_entry(name)
     model = create_model(name, **overrides)
@@ -56,7 +60,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
         what = "everything but CLIP is" if clip is not None else "it is"
         warnings.warn(f"model {name!r} has no checkpoint: {what} randomly initialised and its output is noise; "
                       f"pass checkpoint=... (and clip=... if the checkpoint has no CLIP)", stacklevel=2)
-    return model.to(device).eval()
+    return cast_model(model.to(device), dtype).eval()
 
 
 __all__ = ["load_model", "list_models", "create_model", "get_config", "get_entry", "register_model"]
