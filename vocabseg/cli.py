@@ -36,13 +36,20 @@ def _read_vocabulary(vocab: Optional[str], vocab_file: Optional[Path]) -> list[s
     return parse_vocabulary(vocab)
 
 
-def _load(model: Optional[str], checkpoint: Optional[Path], clip: Optional[Path], device: str, trust_jit: bool):
+PRECISION_HELP = "fp32 (default, exact) or bf16 (half the weight memory; faster only on CPUs with bf16 units)."
+
+
+def _load(model: Optional[str], checkpoint: Optional[Path], clip: Optional[Path], device: str, trust_jit: bool,
+          precision: str = "fp32"):
     from .models import load_model
+    from .runtime import resolve_dtype
+
+    dtype = resolve_dtype(precision)  # a mistyped precision fails before the weights are read
 
     for label, path in (("checkpoint", checkpoint), ("CLIP weights", clip)):
         if path is not None and not Path(path).exists():
             raise UserError(f"{label} file {path} does not exist")
-    return load_model(model, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit)
+    return load_model(model, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit, dtype=dtype)
 
 
 @app.command()
@@ -59,6 +66,7 @@ def segment(
     trust_jit: bool = typer.Option(False, help="Allow loading TorchScript checkpoints (runs code from the file)."),
     backend: str = typer.Option("torch", "--backend", help="torch, or onnx (with --onnx DIR from `vocabseg export`)."),
     onnx_dir: Optional[Path] = typer.Option(None, "--onnx", help="Folder written by `vocabseg export`."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Segment images with any vocabulary; writes a label PNG, an overlay with legend and a JSON per image."""
     from rich.progress import Progress
@@ -81,7 +89,7 @@ def segment(
         predictor = load_onnx_segmenter(onnx_dir)
         model_name = predictor.model_name
     elif backend == "torch":
-        net = _load(model, checkpoint, clip, device, trust_jit)
+        net = _load(model, checkpoint, clip, device, trust_jit, precision)
         predictor = Predictor(net)
         model_name = getattr(net, "model_name", model)
     else:
@@ -152,6 +160,7 @@ def serve(
     max_vocabulary: int = typer.Option(1000, "--max-vocabulary"),
     root_path: str = typer.Option("", "--root-path", help="Prefix when served behind a proxy."),
     forwarded_allow_ips: Optional[str] = typer.Option(None, "--forwarded-allow-ips"),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Serve a model over HTTP: JSON/PNG API and a web page (docs/serving.md)."""
     from .compare import parse_checkpoint_pairs
@@ -165,7 +174,7 @@ def serve(
     run(host, port, models if len(models) > 1 else models[0], weights, clip, backend, onnx_dir=onnx_dir,
         device=device, trust_jit=trust_jit,
         max_upload_bytes=int(max_upload_mb * 2 ** 20), max_pixels=max_pixels, max_vocabulary=max_vocabulary,
-        root_path=root_path, forwarded_allow_ips=forwarded_allow_ips)
+        root_path=root_path, forwarded_allow_ips=forwarded_allow_ips, precision=precision)
 
 
 @app.command("compare")
@@ -400,12 +409,13 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write metrics JSON here."),
     device: str = typer.Option("cpu"),
     trust_jit: bool = typer.Option(False),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Evaluate on a benchmark: mIoU, fwIoU, mACC, pACC and per-class IoU/ACC."""
     from .data import build_dataset
     from .engine import evaluate, write_metrics_json
 
-    net = _load(model, checkpoint, clip, device, trust_jit)
+    net = _load(model, checkpoint, clip, device, trust_jit, precision)
     ds = build_dataset(dataset, root, split=split)
     metrics = evaluate(net, ds, max_images=max_images)
     Console().print({k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})

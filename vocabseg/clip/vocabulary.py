@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from vocabseg.errors import VocabularyError
 
+from ..runtime import adaptive_threads
 from .load import weights_id
 from .tokenizer import tokenize
 
@@ -450,6 +451,8 @@ def _encode_names(model: object, names: Sequence[str], templates: Sequence[str],
         # Sort by length so each batch holds prompts of similar length (less padding to run through the tower).
         order = (torch.argsort((tokens != pad).sum(dim=-1), stable=True) if pad is not None
                  else torch.arange(len(prompts)))
+    elif callable(getattr(model, "encode_text_grouped", None)) and len(templates) > 1:
+        return _encode_grouped(model, names, templates, tokenize(prompts), batch_size, device)
     else:
         tokens = tokenize(prompts)  # [P, 77] CLIP BPE
         # Sort by EOT position so each batch is cut to a short length (encode_text stops at the batch's last EOT).
@@ -464,6 +467,30 @@ def _encode_names(model: object, names: Sequence[str], templates: Sequence[str],
     emb[order] = torch.cat(outputs).clone()
     per_class = emb.view(len(names), len(templates), -1).mean(dim=1)
     return F.normalize(per_class, dim=-1)
+
+
+def _encode_grouped(model: object, names: Sequence[str], templates: Sequence[str], tokens: torch.Tensor,
+                    batch_size: int, device: torch.device) -> torch.Tensor:
+    """The CLIP path of :func:`_encode_names`: each template's shared beginning runs once per batch
+    (``encode_text_grouped``), and prompts are batched by the length of what follows it (little padding)."""
+    t = len(templates)
+    group = torch.arange(t).repeat(len(names))  # prompts are name-major: row i uses template i % t
+    eot = tokens.argmax(dim=-1)
+    shared = torch.zeros(len(tokens), dtype=torch.long)
+    for g in range(t):  # the template's common prefix over all names (never reaching an EOT)
+        rows = tokens[g::t]
+        same = int((rows == rows[:1]).all(dim=0).long().cumprod(dim=0).sum())
+        shared[g::t] = min(same, int(eot[g::t].min()))
+    order = torch.argsort(eot + 1 - shared, stable=True)
+    outputs: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for start in range(0, len(tokens), batch_size):
+            rows = order[start:start + batch_size]
+            emb = model.encode_text_grouped(tokens[rows].to(device), group[rows].to(device))
+            outputs.append(F.normalize(emb.float(), dim=-1).cpu())
+    emb = torch.empty(len(tokens), outputs[0].shape[-1])
+    emb[order] = torch.cat(outputs).clone()  # outside inference mode: a normal tensor
+    return F.normalize(emb.view(len(names), t, -1).mean(dim=1), dim=-1)
 
 
 def encode_vocabulary(model: object, names: str | Iterable[str], templates: str | Sequence[str] = "vild",
@@ -495,6 +522,16 @@ def encode_vocabulary(model: object, names: str | Iterable[str], templates: str 
         found = cache.get(wid, key, unique)
     todo = [n for n in unique if n not in found]
     if todo:
+        with adaptive_threads():  # many small operators: use only the cores other processes leave free
+            _encode_missing(model, todo, template_list, batch_size, device, cache, wid, key, found)
+    return torch.stack([found[n] for n in wanted]).to(device=device, dtype=torch.float32)
+
+
+def _encode_missing(model: object, todo: list[str], template_list: Sequence[str], batch_size: int,
+                    device: torch.device, cache: TextEmbeddingCache | None, wid: str, key: str,
+                    found: dict[str, torch.Tensor]) -> None:
+    """Encode ``todo`` chunk by chunk into ``found`` (and the cache, saved every 30 s on long runs)."""
+    if todo:
         per_chunk = max(1, _PROMPTS_PER_CHUNK // len(template_list))
         last_persist = time.monotonic()
         for start in range(0, len(todo), per_chunk):
@@ -509,4 +546,3 @@ def encode_vocabulary(model: object, names: str | Iterable[str], templates: str 
                     last_persist = time.monotonic()
         if cache is not None:
             cache.persist(wid, key)
-    return torch.stack([found[n] for n in wanted]).to(device=device, dtype=torch.float32)
