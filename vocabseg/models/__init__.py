@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,30 @@ from . import san  # noqa: F401  (registers SAN configs)
 from . import default  # noqa: F401  (the embedded default)
 from . import clims, etris, groupvit, lseg, segvit  # noqa: F401
 from . import clims_release, etris_release, lseg_release, segvit_release  # noqa: F401  (official release architectures)
+
+
+_RANDOM_INITS = ("trunc_normal_", "normal_", "uniform_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+                 "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _skip_random_init():
+    """Build a model whose every tensor the checkpoint will overwrite: random initialisers only fill NaN (a memset,
+    not a random draw: half the start-up time of the default model went into ``trunc_normal_``); a tensor the
+    checkpoint failed to set would then show as NaN instead of passing as a plausible random value."""
+    saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
+
+    def fill(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return tensor.fill_(math.nan)
+
+    for name in _RANDOM_INITS:
+        setattr(torch.nn.init, name, fill)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, clip: str | Path | None = None,
@@ -33,8 +59,10 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
     dtype = resolve_dtype(dtype)
     name = name or DEFAULT_MODEL
     entry = get_entry(name)
-    model = create_model(name, **overrides)
     bundled = checkpoint is None and clip is None
+    with _skip_random_init() if checkpoint is not None or (bundled and entry.weights is not None) else \
+            contextlib.nullcontext():
+        model = create_model(name, **overrides)
     if bundled and entry.weights is not None and not Path(entry.weights).exists():
         raise CheckpointError(f"the bundled weights of {name!r} are missing ({entry.weights}); reinstall vocabseg")
     if bundled and entry.clip_weights is not None:
