@@ -71,9 +71,9 @@ def segment(
     """Segment images with any vocabulary; writes a label PNG, an overlay with legend and a JSON per image."""
     from rich.progress import Progress
 
-    from .io import list_images, save_label_png
+    from .folder import segment_folder
+    from .io import list_images
     from .predict import Predictor
-    from .viz import palette_for
 
     names = _read_vocabulary(vocab, vocab_file)
     files = list_images(inputs)
@@ -95,51 +95,29 @@ def segment(
     else:
         raise UserError(f"unknown backend {backend!r}; use torch or onnx")
     text = predictor.text_embeddings(names)  # once for the whole folder
-    palette = palette_for(names)
-    out.mkdir(parents=True, exist_ok=True)
-    failed: list[tuple[Path, str]] = []
-    done = 0
     with Progress(console=console, disable=len(files) < 2 or not sys.stderr.isatty()) as progress:
         task = progress.add_task("segmenting", total=len(files))
-        for path in files:
-            stem = path.stem
-            targets = [out / f"{stem}_labels.png", out / f"{stem}_overlay.png", out / f"{stem}.json"]
-            if skip_existing and all(t.exists() for t in targets):
-                progress.advance(task)
-                continue
-            try:
-                from .io import load_image
-
-                rgb = load_image(path)
-            except UserError as e:
-                failed.append((path, str(e)))
-                progress.advance(task)
-                continue
-            result = predictor.predict_array(rgb, names, text)
-            save_label_png(result.labels, targets[0], palette)
-            _atomic_save_image(result.overlay(), targets[1])
-            summary = {"image": str(path), "model": model_name, "backend": backend, "vocabulary": names,
-                       "areas": result.areas()}
-            _atomic_write_text(targets[2], json.dumps(summary, indent=2))
-            done += 1
-            progress.advance(task)
-    for path, msg in failed:
+        report = segment_folder(predictor, files, names, text, out, skip_existing=skip_existing,
+                                summary={"model": model_name, "backend": backend},
+                                on_image=lambda: progress.advance(task))
+    for path, msg in report.failed:
         console.print(f"[yellow]skipped[/yellow] {path}: {msg}")
-    console.print(f"wrote {done} result(s) to {out}" + (f"; {len(failed)} image(s) could not be read" if failed else ""))
-    if failed and done == 0:
+    console.print(f"wrote {report.done} result(s) to {out}"
+                  + (f"; {len(report.failed)} image(s) could not be read" if report.failed else ""))
+    if report.failed and report.done == 0:
         raise typer.Exit(1)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .folder import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _atomic_save_image(image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    from .folder import atomic_save_image
+
+    atomic_save_image(image, path)
 
 
 @app.command()

@@ -25,7 +25,6 @@ from vocabseg.errors import VocabularyError
 
 from ..runtime import adaptive_threads
 from .load import weights_id
-from .tokenizer import tokenize
 
 __all__ = [
     "VILD_TEMPLATES",
@@ -444,6 +443,8 @@ def _encode_names(model: object, names: Sequence[str], templates: Sequence[str],
                   device: torch.device) -> torch.Tensor:
     """[len(names), D] template-averaged, L2-normalised embeddings, computed without any cache."""
     prompts = [t.replace("{}", name) for name in names for t in templates]
+    from .tokenizer import tokenize  # here, not at import: ftfy and regex cost 0.1 s that cached text never needs
+
     own_tokenize = getattr(model, "tokenize", None)
     if callable(own_tokenize):  # a model with its own tokenizer (e.g. LiTCLIP's WordPiece): its ids, its padding
         tokens = own_tokenize(prompts)  # [P, L]

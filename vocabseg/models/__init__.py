@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,13 @@ _RANDOM_INITS = ("trunc_normal_", "normal_", "uniform_", "xavier_uniform_", "xav
 
 @contextlib.contextmanager
 def _skip_random_init():
-    """Build a model whose every tensor the checkpoint will overwrite: random initialisers only fill NaN (a memset,
-    not a random draw: half the start-up time of the default model went into ``trunc_normal_``); a tensor the
-    checkpoint failed to set would then show as NaN instead of passing as a plausible random value."""
+    """Build a model whose every tensor the checkpoint will overwrite: random initialisers do nothing (half the
+    start-up time of the default model went into ``trunc_normal_``, and untouched memory costs no page faults).
+    Loading is strict (a tensor missing from the file fails by name), so no uninitialised value survives."""
     saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
 
     def fill(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return tensor.fill_(math.nan)
+        return tensor
 
     for name in _RANDOM_INITS:
         setattr(torch.nn.init, name, fill)
@@ -53,11 +51,18 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
     any, else it is randomly initialised with a warning. ``dtype``: ``"float32"`` (default) or ``"bfloat16"``
     (weights, image and text towers in bf16; class scores are still combined in fp32).
     """
-    from ..clip.load import drop_non_weights, read_state_dict
-    from ..runtime import cast_model, resolve_dtype
+    from ..runtime import adaptive_threads, resolve_dtype
 
     dtype = resolve_dtype(dtype)
-    name = name or DEFAULT_MODEL
+    with adaptive_threads():  # copies and casts are single operators each: many joins of the thread pool
+        return _load_model(name or DEFAULT_MODEL, checkpoint, clip, device, trust_jit, dtype, overrides)
+
+
+def _load_model(name: str, checkpoint: str | Path | None, clip: str | Path | None, device: str | torch.device,
+                trust_jit: bool, dtype: torch.dtype, overrides: dict[str, Any]) -> torch.nn.Module:
+    from ..clip.load import drop_non_weights, read_state_dict
+    from ..runtime import cast_model
+
     entry = get_entry(name)
     bundled = checkpoint is None and clip is None
     with _skip_random_init() if checkpoint is not None or (bundled and entry.weights is not None) else \
