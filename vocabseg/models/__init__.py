@@ -11,7 +11,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from .registry import DEFAULT_MODEL, create_model, get_config, get_entry, list_models, register_model
-from .weights import load_strict
+from .weights import assigning, load_strict
 from . import san  # noqa: F401  (registers SAN configs)
 from . import default  # noqa: F401  (the embedded default)
 from . import clims, etris, groupvit, lseg, segvit  # noqa: F401
@@ -54,7 +54,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
     from ..runtime import adaptive_threads, resolve_dtype
 
     dtype = resolve_dtype(dtype)
-    with adaptive_threads():  # copies and casts are single operators each: many joins of the thread pool
+    with adaptive_threads(), assigning():  # few-operator copies: few cores; the file's tensors become the weights
         return _load_model(name or DEFAULT_MODEL, checkpoint, clip, device, trust_jit, dtype, overrides)
 
 
