@@ -818,17 +818,20 @@ def bench_pipeline(rows: list, quick: bool) -> None:
 
 
 def _onnx_worker(name: str, size: int, repeat: int, threads: int) -> dict:
-    """Fresh process: infer of ``name`` in torch fp32, torch bf16 and onnxruntime (exported fp32)."""
+    """Fresh process: infer of ``name`` in torch fp32, torch bf16 and onnxruntime (exported fp32), both runtimes
+    with the thread count ``predict`` would use now (the cores other processes leave free)."""
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
-    from vocabseg.runtime import cast_model
+    from vocabseg.runtime import available_threads, cast_model
+
+    threads = available_threads()
+    torch.set_num_threads(threads)
 
     model = build(name)
     pixels, _ = model.prepare(random_image(size, size))
     text = random_text(model, 10)
-    res: dict = {}
+    res: dict = {"threads": threads}
     with torch.inference_mode():
-        ref = [t.clone() for t in _flat(model.infer(pixels, text))]
         res["fp32"] = timeit(lambda: model.infer(pixels, text), repeat=repeat)
     try:
         import onnxruntime as ort
@@ -864,7 +867,8 @@ def bench_onnx(rows: list, quick: bool) -> None:
         except Exception as e:  # noqa: BLE001
             rows.append((f"{name}: onnx comparison failed", float("nan"), fmt_err(e, 50), ""))
             continue
-        rows.append((f"{name} {size}x{size}, 10 names: torch fp32 infer (s)", r["fp32"], "", ""))
+        rows.append((f"{name} {size}x{size}, 10 names: torch fp32 infer (s)", r["fp32"], "",
+                     f"{r['threads']} thread(s) for both runtimes"))
         if "ort" in r:
             rows.append(("  onnxruntime fp32 (s)", r["ort"], f"{r['ort'] / r['fp32']:.2f}x torch fp32", ""))
         else:
