@@ -21,9 +21,9 @@ _ASSIGN = contextvars.ContextVar("vocabseg_assign_weights", default=False)
 
 @contextlib.contextmanager
 def assigning() -> Iterator[None]:
-    """Inside, :func:`load_strict` hands the file's tensors to the model instead of copying them. Only for a model
-    just built to be loaded (``load_model``): nothing else (an optimizer) may hold its old parameters. Tensors read
-    from safetensors are memory-mapped, so loading then never holds the weights twice."""
+    """Inside, :func:`load_strict` hands the file's tensors to the model instead of copying them, so loading never
+    holds the weights twice. Only for a model just built to be loaded (``load_model``): nothing else (an optimizer)
+    may hold its old parameters."""
     token = _ASSIGN.set(True)
     try:
         yield
