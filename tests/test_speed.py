@@ -143,6 +143,13 @@ def test_grouped_text_encoding_equals_plain_encoding():
     per_template = torch.stack([encode_vocabulary(clip, names, cache=False, templates=[t]) for t in VILD_TEMPLATES])
     expected = torch.nn.functional.normalize(per_template.mean(0), dim=-1)
     assert torch.allclose(a, expected, atol=1e-5)
+    calls = []
+    plain_encode = clip.encode_text
+    clip.encode_text = lambda t: calls.append(len(t)) or plain_encode(t)
+    exact = encode_vocabulary(clip, names, cache=False, shared_prefix=False)
+    del clip.encode_text
+    assert sum(calls) == len(names) * len(VILD_TEMPLATES)  # every prompt through the plain tower
+    assert torch.allclose(exact, a, atol=1e-5)
 
 
 # -- imports ---------------------------------------------------------------------------------------------------
