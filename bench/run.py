@@ -9,7 +9,11 @@ Sections: san (SAN-B/16 stage breakdown), vocab (new 150-name vocabulary), scale
 embedded default with its bundled weights), models (latency and peak RSS of each registered model at its standard
 size), folder (``vocabseg segment FOLDER`` images/s), compile (eager vs torch.compile vs onnxruntime), flops
 (achieved FLOP/s vs this machine's measured fp32 matmul rate), coldvocab (a new 1,000-name vocabulary, cold vs
-cached), size (latency vs image size) and vocabsize (latency vs vocabulary size).
+cached), size (latency vs image size) and vocabsize (latency vs vocabulary size). Issue 27: bf16 (bf16 vs fp32 matmul
+rates, SAN-B/16 in bf16, label agreement per family), text (a new 20-name vocabulary vs the official work), contention
+(text and image with a competing busy process), startup (`vocabseg segment` vs `import torch`), memory (peak RSS of
+predict and of loading), pipeline (`vocabseg segment FOLDER` pipelined vs plain loop) and onnx (onnxruntime vs torch
+fp32 vs torch bf16).
 
 Models run with random weights where no weights ship (timings do not depend on the values). Every ratio is between
 figures measured in this run, on this machine, except those marked "ref": reference figures of the official code
@@ -518,9 +522,368 @@ def bench_vocabsize(rows: list, quick: bool) -> None:
         del model, predictor
 
 
+# ----------------------------------------------------------------------------------------------- issue 27 sections
+
+FORCE_BF16 = False  # --bf16-anyway: time SAN-B/16 in bf16 even on a CPU without bf16 units (minutes)
+TWENTY_NAMES = [f"{a} {b}" for a, b in zip(
+    "red blue green small large old new wooden metal plastic dark bright tall short round square striped spotted "
+    "white black".split(),
+    "car chair table lamp door window bottle cup plant sign fence bench tree house road wall floor bag box dog".split())]
+EXAMPLES = Path(__file__).resolve().parents[1] / "vocabseg" / "examples"
+
+
+def cpu_bf16_flags() -> str:
+    """The CPU's bf16 instructions (avx512_bf16, amx_bf16) as /proc/cpuinfo lists them, and torch's SIMD level."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    found = [f for f in flags if "bf16" in f or f.startswith("amx")]
+    return (f"cpu flags: {' '.join(found) or 'no avx512_bf16/amx'}; torch SIMD "
+            f"{torch.backends.cpu.get_cpu_capability()}; mkldnn {torch.backends.mkldnn.is_available()}")
+
+
+def matmul_rate(dtype: torch.dtype, m: int = 1024, k: int = 768, n: int = 3072, repeat: int = 3) -> float:
+    """GFLOP/s of an [m, k] x [k, n] product (a ViT-B MLP layer's shape) in ``dtype``."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+    t = timeit(lambda: F.linear(a, b), repeat=repeat, warmup=1)
+    return 2 * m * k * n / t / 1e9
+
+
+def _agreement(name: str, images: list) -> tuple[float, float, float]:
+    """(pixel label agreement bf16 vs fp32, fp32 s, bf16 s) of a model with its bundled weights, text included."""
+    import vocabseg
+    from vocabseg.models import get_entry
+
+    task = get_entry(name).task
+    m32, m16 = vocabseg.load_model(name), vocabseg.load_model(name, dtype="bf16")
+    vocab = "red circle, blue square, green triangle, yellow star, sky, grass, tree, background"
+    agree, t32, t16 = [], 0.0, 0.0
+    for img in images:
+        t0 = time.perf_counter()
+        a = m32.refer(img, "the red circle").mask if task == "referring" else m32.predict(img, vocab).labels
+        t1 = time.perf_counter()
+        b = m16.refer(img, "the red circle").mask if task == "referring" else m16.predict(img, vocab).labels
+        t32, t16 = t32 + t1 - t0, t16 + time.perf_counter() - t1
+        agree.append(float((a == b).mean()))
+    return min(agree), t32, t16
+
+
+def bench_bf16(rows: list, quick: bool) -> None:
+    """bf16 vs fp32: the CPU's matmul rates, SAN-B/16 640 px with cached text, label agreement per family."""
+    import vocabseg
+    from vocabseg.io import load_image
+    from vocabseg.predict import Predictor
+    from vocabseg.runtime import cast_model
+
+    r32, r16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    rows.append(("fp32 matmul 1024x768x3072 (GFLOP/s)", r32, "", cpu_bf16_flags()))
+    rows.append(("  bf16 matmul, same shape (GFLOP/s)", r16, f"{r16 / r32:.2f}x of fp32", "bf16 pays only if > 1"))
+    torch.manual_seed(0)
+    model = vocabseg.create_model("san_vit_b_16").eval()
+    rgb = random_image(640, 853)
+    names = [f"class {i}" for i in range(150)]
+    text = random_text(model, 150)
+    predictor = Predictor(model)
+    t32 = timeit(lambda: predictor.predict_array(rgb, names, text), repeat=1 if quick else 3)
+    rows.append(("SAN-B/16 640x853, 150 names, cached text, fp32 predict (s)", t32, "", "random weights"))
+    if r16 > r32 or FORCE_BF16:
+        ref = predictor.predict_array(rgb, names, text).labels
+        cast_model(model, "bf16")
+        t16 = timeit(lambda: predictor.predict_array(rgb, names, text), repeat=1 if quick else 3)
+        agree = float((predictor.predict_array(rgb, names, text).labels == ref).mean())
+        rows.append(("  same in bf16 (s)", t16, f"{t16 / t32:.2f}x of fp32", f"target <= 0.4x; labels agree "
+                                                                           f"{100 * agree:.1f} % (random weights)"))
+    else:
+        rows.append(("  same in bf16: not timed", float("nan"), "this CPU has no fast bf16",
+                     "bf16 matmul slower than fp32; --bf16-anyway to time it"))
+    images = [load_image(EXAMPLES / "shapes.png"), load_image(EXAMPLES / "world_scene.png")]
+    for name in ("default", "segvit_world", "etris_world") + (() if quick else ("lseg_world",)):
+        try:
+            agree, a32, a16 = _agreement(name, images)
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"{name}: bf16 agreement failed", float("nan"), fmt_err(e, 50), ""))
+            continue
+        rows.append((f"{name}: bf16 labels equal to fp32 (% of pixels, worst of 2 images)", 100 * agree,
+                     f"bf16 {a16 / a32:.2f}x fp32 time", "target >= 97 %; text encoded in bf16 too"))
+
+
+def _official_text_work(clip, names: list[str], templates) -> None:
+    """What the official SAN code computes for a new vocabulary: each template over all names, 77 tokens each."""
+    from vocabseg.clip.tokenizer import tokenize
+
+    with torch.inference_mode():
+        for t in templates:
+            ids = tokenize([t.replace("{}", n) for n in names])
+            x = clip.token_embedding(ids).to(clip.dtype) + clip.positional_embedding.to(clip.dtype)
+            x = clip.ln_final(clip.transformer(x, is_causal=True))
+            x[torch.arange(len(names)), ids.argmax(-1)] @ clip.text_projection
+
+
+def _cut_at_eot_only(clip, names: list[str], templates) -> None:
+    """Our previous text path: prompts sorted by EOT, batches of 128 cut at their last EOT (no shared prefix)."""
+    from vocabseg.clip.tokenizer import tokenize
+
+    ids = tokenize([t.replace("{}", n) for n in names for t in templates])
+    order = torch.argsort(ids.argmax(-1), stable=True)
+    with torch.inference_mode():
+        for s in range(0, len(ids), 128):
+            clip.encode_text(ids[order[s:s + 128]])
+
+
+def bench_text(rows: list, quick: bool) -> None:
+    """A new 20-name vocabulary (two words each) with the 14 ViLD templates on SAN-B/16's text tower."""
+    import vocabseg
+    from vocabseg.clip.vocabulary import VILD_TEMPLATES, encode_vocabulary
+
+    torch.manual_seed(0)
+    clip = vocabseg.create_model("san_vit_b_16").eval().clip
+    repeat = 1 if quick else 3
+    ours = timeit(lambda: encode_vocabulary(clip, TWENTY_NAMES, cache=None), repeat=repeat)
+    before = timeit(lambda: _cut_at_eot_only(clip, TWENTY_NAMES, VILD_TEMPLATES), repeat=repeat)
+    official = timeit(lambda: _official_text_work(clip, TWENTY_NAMES, VILD_TEMPLATES), repeat=1, warmup=0)
+    rows.append(("new 20-name vocabulary, 14 templates, fp32 (s)", ours, f"{ours / official:.3f}x official work",
+                 "target <= 0.1x"))
+    rows.append(("  previous path (cut at EOT, no shared prefix) (s)", before, f"{before / official:.3f}x", ""))
+    rows.append(("  official work: per template, 77 tokens (s)", official, "same run, our tower", ""))
+    if matmul_rate(torch.bfloat16) > matmul_rate(torch.float32) or FORCE_BF16:
+        from vocabseg.runtime import cast_model
+
+        clip16 = cast_model(clip, "bf16")
+        t16 = timeit(lambda: encode_vocabulary(clip16, TWENTY_NAMES, cache=None), repeat=repeat)
+        rows.append(("  same vocabulary in bf16 (s)", t16, f"{t16 / official:.3f}x official work", "target <= 0.05x"))
+
+
+_SPIN = "import time\nend = time.time() + {s}\nwhile time.time() < end:\n    pass\n"
+
+
+def _under_load(fn, seconds: float = 120.0) -> float:
+    """Median time of ``fn`` while another process keeps one core busy."""
+    import subprocess
+
+    spin = subprocess.Popen([sys.executable, "-c", _SPIN.format(s=seconds)])
+    try:
+        time.sleep(0.3)
+        return timeit(fn, repeat=3, warmup=1)
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def bench_contention(rows: list, quick: bool) -> None:
+    """Text encoding and the SAN-B/16 image forward with and without a competing busy process, with the thread
+    count pinned (VOCABSEG_THREADS = all threads: the previous behaviour) and adaptive (the default)."""
+    import vocabseg
+    from vocabseg.clip.vocabulary import encode_vocabulary
+
+    torch.manual_seed(0)
+    model = vocabseg.create_model("san_vit_b_16").eval()
+    pixels, _ = model.prepare(random_image(640, 640))
+    text = random_text(model, 10)
+    full = torch.get_num_threads()
+
+    def encode():
+        encode_vocabulary(model.clip, TWENTY_NAMES, cache=None)
+
+    def image():
+        from vocabseg.runtime import adaptive_threads
+
+        with adaptive_threads(), torch.inference_mode():
+            model.infer(pixels, text)
+
+    for mode in (str(full), "auto"):
+        os.environ["VOCABSEG_THREADS"] = mode
+        for label, fn in (("text, 20 names", encode), ("SAN-B/16 image forward 640", image)):
+            quiet = timeit(fn, repeat=1 if quick else 3)
+            loaded = _under_load(fn)
+            rows.append((f"{label}, threads {mode}: with a busy process (s)", loaded,
+                         f"{loaded / quiet:.2f}x of without ({quiet:.2f} s)", "text target: no worse than image"))
+    os.environ.pop("VOCABSEG_THREADS", None)
+
+
+def _wall(cmd: list[str], env: dict) -> float:
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def bench_startup(rows: list, quick: bool) -> None:
+    """Wall time of `vocabseg segment shapes.png` (first run: empty text cache; cached) vs `import torch`."""
+    root = Path(__file__).resolve().parents[1]
+    repeat = 2 if quick else 5
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        seg = [sys.executable, "-m", "vocabseg", "segment", str(EXAMPLES / "shapes.png"), "--vocab",
+               "red circle, blue square, background", "-o", str(Path(tmp) / "out")]
+        times: dict[str, list[float]] = {"torch": [], "vocabseg": [], "first": [], "cached": []}
+        for i in range(repeat):  # interleaved, so load changes hit every command alike
+            times["torch"].append(_wall([sys.executable, "-c", "import torch"], env))
+            times["vocabseg"].append(_wall([sys.executable, "-c", "import vocabseg"], env))
+            cold = {**env, "VOCABSEG_CACHE": str(Path(tmp) / f"cache{i}")}
+            times["first"].append(_wall(seg, cold))
+            times["cached"].append(_wall(seg, cold))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows.append(("python -c 'import torch' (s, median)", med["torch"], "", f"{repeat} runs interleaved"))
+    rows.append(("  python -c 'import vocabseg' (s)", med["vocabseg"], f"{med['vocabseg'] / med['torch']:.2f}x torch", ""))
+    rows.append(("  vocabseg segment shapes.png, cached text (s)", med["cached"],
+                 f"{med['cached'] / med['torch']:.2f}x torch", "target <= 1.5x"))
+    rows.append(("  vocabseg segment shapes.png, first run (s)", med["first"],
+                 f"{med['first'] / med['torch']:.2f}x torch", "target <= 2.5x"))
+
+
+_MEM_PREDICT = """
+import sys, warnings; warnings.simplefilter('ignore'); sys.path.insert(0, {root!r})
+import numpy as np, torch, torch.nn.functional as F, vocabseg
+from vocabseg.predict import Predictor
+def hwm():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024
+if {mode!r} == 'load':
+    before = rss(); open('/proc/self/clear_refs', 'w').write('5')
+    m = vocabseg.load_model('san_vit_b_16', checkpoint={path!r})
+    print(hwm() - before)
+else:
+    torch.manual_seed(0); m = vocabseg.create_model('san_vit_b_16').eval()
+    rgb = np.random.default_rng(0).integers(0, 256, (640, 853, 3), dtype=np.uint8)
+    text = F.normalize(torch.randn(150, 512), dim=-1)
+    Predictor(m).predict_array(rgb, [str(i) for i in range(150)], text)
+    print(hwm())
+"""
+
+
+def bench_memory(rows: list, quick: bool) -> None:
+    """Peak RSS of a process running SAN-B/16 predict at 640 px; peak RSS growth while loading its checkpoint."""
+    import subprocess
+
+    import vocabseg
+    from safetensors.torch import save_file
+
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _MEM_PREDICT.format(root=root, mode="predict", path="")],
+                         capture_output=True, text=True, check=True)
+    rows.append(("SAN-B/16 640x853 predict, 150 names: peak RSS of the process (MB)", float(out.stdout.split()[-1]),
+                 "", "official figure: not in FACTS.md"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "san.safetensors"
+        torch.manual_seed(0)
+        model = vocabseg.create_model("san_vit_b_16")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        del model
+        size = path.stat().st_size / 2 ** 20
+        out = subprocess.run([sys.executable, "-c", _MEM_PREDICT.format(root=root, mode="load", path=str(path))],
+                             capture_output=True, text=True, check=True)
+    grow = float(out.stdout.split()[-1])
+    rows.append(("  load_model from a safetensors file: peak RSS growth (MB)", grow, f"{grow / size:.2f}x the file "
+                 f"({size:.0f} MB)", "target <= 1.3x"))
+
+
+def bench_pipeline(rows: list, quick: bool) -> None:
+    """`vocabseg segment FOLDER` (segment_folder): pipelined vs the plain loop vs bare predict, same images."""
+    import vocabseg
+    from PIL import Image
+
+    from vocabseg.folder import segment_folder
+    from vocabseg.io import list_images, load_image
+
+    n = 12 if quick else 100
+    names = [s.strip() for s in "red circle, blue square, green star, sky, grass, water, sand, wall, road, "
+                                "background".split(",")]
+    model = vocabseg.load_model()
+    predictor = vocabseg.Predictor(model)
+    text = predictor.text_embeddings(names)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "in").mkdir()
+        for i in range(n):
+            Image.fromarray(random_image(480, 640, seed=i)).save(tmp / "in" / f"{i:03d}.jpg", quality=90)
+        files = list_images(tmp / "in")
+        segment_folder(predictor, files[:2], names, text, tmp / "warm")
+        res = {}
+        for label, pipelined in (("loop", False), ("pipelined", True), ("loop2", False), ("pipelined2", True)):
+            t0 = time.perf_counter()
+            segment_folder(predictor, files, names, text, tmp / label, pipelined=pipelined)
+            res[label] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for path in files:
+            predictor.predict_array(load_image(path), names, text)
+        bare = time.perf_counter() - t0
+    loop, pipe = min(res["loop"], res["loop2"]), min(res["pipelined"], res["pipelined2"])
+    rows.append((f"folder, default model, {n} images 640x480, pipelined (images/s)", n / pipe,
+                 f"{loop / pipe:.2f}x the plain loop", "decode/write beside the model"))
+    rows.append(("  plain loop, same outputs (images/s)", n / loop, "", ""))
+    rows.append(("  decode + predict only, no outputs (images/s)", n / bare, "", ""))
+
+
+def _onnx_worker(name: str, size: int, repeat: int, threads: int) -> dict:
+    """Fresh process: infer of ``name`` in torch fp32, torch bf16 and onnxruntime (exported fp32), both runtimes
+    with the thread count ``predict`` would use now (the cores other processes leave free)."""
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    from vocabseg.runtime import available_threads, cast_model
+
+    threads = available_threads()
+    torch.set_num_threads(threads)
+
+    model = build(name)
+    pixels, _ = model.prepare(random_image(size, size))
+    text = random_text(model, 10)
+    res: dict = {"threads": threads}
+    with torch.inference_mode():
+        res["fp32"] = timeit(lambda: model.infer(pixels, text), repeat=repeat)
+    try:
+        import onnxruntime as ort
+
+        from vocabseg.export import export_image_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_image_model(model, Path(tmp) / "image.onnx")
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            inputs = [i.name for i in session.get_inputs()]
+            feed = {k: v for k, v in {"pixels": pixels.numpy(), "text_embeddings": text.numpy()}.items()
+                    if k in inputs}
+            res["ort"] = timeit(lambda: session.run(None, feed), repeat=repeat)
+    except Exception as e:  # noqa: BLE001
+        res["ort_error"] = fmt_err(e, 50)
+    if matmul_rate(torch.bfloat16) > matmul_rate(torch.float32) or FORCE_BF16 or name == "default":
+        cast_model(model, "bf16")
+        with torch.inference_mode():
+            p16, t16 = pixels.to(torch.bfloat16), text.to(torch.bfloat16)
+            res["bf16"] = timeit(lambda: model.infer(p16, t16), repeat=repeat)
+    return res
+
+
+def bench_onnx(rows: list, quick: bool) -> None:
+    """onnxruntime vs torch fp32 vs torch bf16 for the exported default and SAN-B/16 (``infer``, cached text)."""
+    ctx = multiprocessing.get_context("spawn")
+    for name, size in (("default", 512), ("san_vit_b_16", 640)):
+        try:
+            with futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                r = pool.submit(_onnx_worker, name, size, 2 if quick else 3, torch.get_num_threads()).result()
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"{name}: onnx comparison failed", float("nan"), fmt_err(e, 50), ""))
+            continue
+        rows.append((f"{name} {size}x{size}, 10 names: torch fp32 infer (s)", r["fp32"], "",
+                     f"{r['threads']} thread(s) for both runtimes"))
+        if "ort" in r:
+            rows.append(("  onnxruntime fp32 (s)", r["ort"], f"{r['ort'] / r['fp32']:.2f}x torch fp32", ""))
+        else:
+            rows.append(("  onnxruntime: failed", float("nan"), r["ort_error"], ""))
+        if "bf16" in r:
+            rows.append(("  torch bf16 (s)", r["bf16"], f"{r['bf16'] / r['fp32']:.2f}x torch fp32", ""))
+        else:
+            rows.append(("  torch bf16: not timed", float("nan"), "no fast bf16 on this CPU", ""))
+
+
 SECTIONS = {"san": bench_san, "vocab": bench_vocab, "scale": bench_scale, "default": bench_default,
             "models": bench_models, "folder": bench_folder, "compile": bench_compile, "flops": bench_flops,
-            "coldvocab": bench_coldvocab, "size": bench_size, "vocabsize": bench_vocabsize}
+            "coldvocab": bench_coldvocab, "size": bench_size, "vocabsize": bench_vocabsize,
+            "bf16": bench_bf16, "text": bench_text, "contention": bench_contention, "startup": bench_startup,
+            "memory": bench_memory, "pipeline": bench_pipeline, "onnx": bench_onnx}
 
 
 def _json_value(v):
@@ -541,7 +904,11 @@ def main() -> None:
     parser.add_argument("--only", choices=list(SECTIONS), action="append")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller vocabularies (extrapolated)")
     parser.add_argument("--json", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--bf16-anyway", action="store_true",
+                        help="time SAN-B/16 in bf16 even where bf16 matmuls are slower than fp32 (minutes)")
     args = parser.parse_args()
+    global FORCE_BF16
+    FORCE_BF16 = args.bf16_anyway
     os.environ.setdefault("VOCABSEG_CACHE", str(Path("/tmp/vocabseg-bench-cache")))
     warnings.filterwarnings("ignore", message=".*randomly initialised.*")
     info = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"

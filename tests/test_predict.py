@@ -95,8 +95,9 @@ def test_second_call_with_same_vocabulary_does_no_text_work(model, monkeypatch):
     names = ["unique name one", "unique name two"]
     model.predict(rgb, names)
     calls = []
-    original = model.clip.encode_text
+    original, grouped = model.clip.encode_text, model.clip.encode_text_grouped  # plain or shared-prefix text path
     monkeypatch.setattr(model.clip, "encode_text", lambda t: calls.append(1) or original(t))
+    monkeypatch.setattr(model.clip, "encode_text_grouped", lambda t, g: calls.append(1) or grouped(t, g))
     model.predict(rgb, names)
     assert calls == []
     model.predict(rgb, names + ["a new one"])

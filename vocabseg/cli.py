@@ -36,13 +36,20 @@ def _read_vocabulary(vocab: Optional[str], vocab_file: Optional[Path]) -> list[s
     return parse_vocabulary(vocab)
 
 
-def _load(model: Optional[str], checkpoint: Optional[Path], clip: Optional[Path], device: str, trust_jit: bool):
+PRECISION_HELP = "fp32 (default, exact) or bf16 (half the weight memory; faster only on CPUs with bf16 units)."
+
+
+def _load(model: Optional[str], checkpoint: Optional[Path], clip: Optional[Path], device: str, trust_jit: bool,
+          precision: str = "fp32"):
     from .models import load_model
+    from .runtime import resolve_dtype
+
+    dtype = resolve_dtype(precision)  # a mistyped precision fails before the weights are read
 
     for label, path in (("checkpoint", checkpoint), ("CLIP weights", clip)):
         if path is not None and not Path(path).exists():
             raise UserError(f"{label} file {path} does not exist")
-    return load_model(model, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit)
+    return load_model(model, checkpoint=checkpoint, clip=clip, device=device, trust_jit=trust_jit, dtype=dtype)
 
 
 @app.command()
@@ -59,13 +66,14 @@ def segment(
     trust_jit: bool = typer.Option(False, help="Allow loading TorchScript checkpoints (runs code from the file)."),
     backend: str = typer.Option("torch", "--backend", help="torch, or onnx (with --onnx DIR from `vocabseg export`)."),
     onnx_dir: Optional[Path] = typer.Option(None, "--onnx", help="Folder written by `vocabseg export`."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Segment images with any vocabulary; writes a label PNG, an overlay with legend and a JSON per image."""
     from rich.progress import Progress
 
-    from .io import list_images, save_label_png
+    from .folder import segment_folder
+    from .io import list_images
     from .predict import Predictor
-    from .viz import palette_for
 
     names = _read_vocabulary(vocab, vocab_file)
     files = list_images(inputs)
@@ -81,57 +89,35 @@ def segment(
         predictor = load_onnx_segmenter(onnx_dir)
         model_name = predictor.model_name
     elif backend == "torch":
-        net = _load(model, checkpoint, clip, device, trust_jit)
+        net = _load(model, checkpoint, clip, device, trust_jit, precision)
         predictor = Predictor(net)
         model_name = getattr(net, "model_name", model)
     else:
         raise UserError(f"unknown backend {backend!r}; use torch or onnx")
     text = predictor.text_embeddings(names)  # once for the whole folder
-    palette = palette_for(names)
-    out.mkdir(parents=True, exist_ok=True)
-    failed: list[tuple[Path, str]] = []
-    done = 0
     with Progress(console=console, disable=len(files) < 2 or not sys.stderr.isatty()) as progress:
         task = progress.add_task("segmenting", total=len(files))
-        for path in files:
-            stem = path.stem
-            targets = [out / f"{stem}_labels.png", out / f"{stem}_overlay.png", out / f"{stem}.json"]
-            if skip_existing and all(t.exists() for t in targets):
-                progress.advance(task)
-                continue
-            try:
-                from .io import load_image
-
-                rgb = load_image(path)
-            except UserError as e:
-                failed.append((path, str(e)))
-                progress.advance(task)
-                continue
-            result = predictor.predict_array(rgb, names, text)
-            save_label_png(result.labels, targets[0], palette)
-            _atomic_save_image(result.overlay(), targets[1])
-            summary = {"image": str(path), "model": model_name, "backend": backend, "vocabulary": names,
-                       "areas": result.areas()}
-            _atomic_write_text(targets[2], json.dumps(summary, indent=2))
-            done += 1
-            progress.advance(task)
-    for path, msg in failed:
+        report = segment_folder(predictor, files, names, text, out, skip_existing=skip_existing,
+                                summary={"model": model_name, "backend": backend},
+                                on_image=lambda: progress.advance(task))
+    for path, msg in report.failed:
         console.print(f"[yellow]skipped[/yellow] {path}: {msg}")
-    console.print(f"wrote {done} result(s) to {out}" + (f"; {len(failed)} image(s) could not be read" if failed else ""))
-    if failed and done == 0:
+    console.print(f"wrote {report.done} result(s) to {out}"
+                  + (f"; {len(report.failed)} image(s) could not be read" if report.failed else ""))
+    if report.failed and report.done == 0:
         raise typer.Exit(1)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .folder import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _atomic_save_image(image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    from .folder import atomic_save_image
+
+    atomic_save_image(image, path)
 
 
 @app.command()
@@ -152,6 +138,7 @@ def serve(
     max_vocabulary: int = typer.Option(1000, "--max-vocabulary"),
     root_path: str = typer.Option("", "--root-path", help="Prefix when served behind a proxy."),
     forwarded_allow_ips: Optional[str] = typer.Option(None, "--forwarded-allow-ips"),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Serve a model over HTTP: JSON/PNG API and a web page (docs/serving.md)."""
     from .compare import parse_checkpoint_pairs
@@ -165,7 +152,7 @@ def serve(
     run(host, port, models if len(models) > 1 else models[0], weights, clip, backend, onnx_dir=onnx_dir,
         device=device, trust_jit=trust_jit,
         max_upload_bytes=int(max_upload_mb * 2 ** 20), max_pixels=max_pixels, max_vocabulary=max_vocabulary,
-        root_path=root_path, forwarded_allow_ips=forwarded_allow_ips)
+        root_path=root_path, forwarded_allow_ips=forwarded_allow_ips, precision=precision)
 
 
 @app.command("compare")
@@ -420,12 +407,13 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write metrics JSON here."),
     device: str = typer.Option("cpu"),
     trust_jit: bool = typer.Option(False),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Evaluate on a benchmark: mIoU, fwIoU, mACC, pACC and per-class IoU/ACC."""
     from .data import build_dataset
     from .engine import evaluate, write_metrics_json
 
-    net = _load(model, checkpoint, clip, device, trust_jit)
+    net = _load(model, checkpoint, clip, device, trust_jit, precision)
     ds = build_dataset(dataset, root, split=split)
     metrics = evaluate(net, ds, max_images=max_images)
     Console().print({k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})

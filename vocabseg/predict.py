@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .postprocess import DenseScores, MaskScores, full_scores, labels_and_confidence
+from .runtime import adaptive_threads, model_dtype
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -80,17 +81,25 @@ class Predictor:
     @torch.inference_mode()
     def predict_array(self, rgb: np.ndarray, names: list[str], text_embeddings: torch.Tensor) -> Segmentation:
         """Segment an H×W×3 uint8 array with precomputed text embeddings [C, D]."""
+        with adaptive_threads():
+            return self._predict_array(rgb, names, text_embeddings)
+
+    def _predict_array(self, rgb: np.ndarray, names: list[str], text_embeddings: torch.Tensor) -> Segmentation:
+        dtype = model_dtype(self.model)
+        if dtype != torch.float32 and text_embeddings.is_floating_point():  # bf16 weights: the network runs in bf16, scores are combined in fp32
+            text_embeddings = text_embeddings.to(dtype)
         own = getattr(self.model, "release_scores", None)  # a release's own geometry (LSeg: align_corners=True)
         scores = own(rgb, text_embeddings) if own is not None else None
         if scores is not None:
             labels, conf = labels_and_confidence(scores)
             return Segmentation(rgb, names, labels, conf, scores)
         pixels, crop = self.model.prepare(rgb)
-        out = self.model.infer(pixels, text_embeddings)
+        out = self.model.infer(pixels.to(dtype) if pixels.is_floating_point() else pixels, text_embeddings)
         padded = tuple(pixels.shape[-2:])
         if isinstance(out, tuple):  # mask classification: (class probs [B,Q,C], mask logits [B,Q,h,w])
-            scores: MaskScores | DenseScores = MaskScores(out[0][0], out[1][0], padded, crop, rgb.shape[:2])
+            scores: MaskScores | DenseScores = MaskScores(out[0][0].float(), out[1][0].float(), padded, crop,
+                                                          rgb.shape[:2])
         else:  # dense logits [B, C, h, w]
-            scores = DenseScores(out[0], padded, crop, rgb.shape[:2])
+            scores = DenseScores(out[0].float(), padded, crop, rgb.shape[:2])
         labels, conf = labels_and_confidence(scores)
         return Segmentation(rgb, names, labels, conf, scores)

@@ -41,9 +41,11 @@ def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
 
 
-@functools.lru_cache(maxsize=8)
-def _greedy_palette(seed: int) -> np.ndarray:
-    """All grid colours (except near-black) ordered by farthest-point search in CIELAB."""
+@functools.lru_cache(maxsize=32)
+def _greedy_palette(seed: int, limit: int = 1 << 30) -> np.ndarray:
+    """Grid colours (except near-black) ordered by farthest-point search in CIELAB; the search stops after
+    ``limit`` colours (the order is greedy, so a shorter palette is a prefix of the full one: a 3-name
+    vocabulary costs 3 steps, not ~3,800)."""
     rng = np.random.default_rng(seed)
     levels = np.linspace(0, 255, 16)  # grid step 17
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
@@ -62,6 +64,8 @@ def _greedy_palette(seed: int) -> np.ndarray:
             dist = np.minimum(dist, np.linalg.norm(cand - lab[c], axis=1))
         j = int(np.argmax(chroma[idx])) if not chosen else int(np.argmax(dist))
         for _ in range(len(idx)):
+            if len(chosen) >= limit:
+                break
             chosen.append(int(idx[j]))
             dist = np.minimum(dist, np.linalg.norm(cand - cand[j], axis=1))
             dist[j] = -np.inf
@@ -86,7 +90,7 @@ def make_palette(n: int, seed: int = 0) -> np.ndarray:
         raise ValueError(f"at most {_MAX_COLOURS} distinct colours exist besides black, got n={n}")
     if n == 0:
         return np.zeros((0, 3), dtype=np.uint8)
-    base = _greedy_palette(int(seed))
+    base = _greedy_palette(int(seed), int(n))
     if n <= len(base):
         return base[:n].copy()
     # Beyond the grid: random distinct colours, never black and never one already in use.

@@ -8,7 +8,6 @@
 
 from .model import CLIP, CLIPConfig, OPENAI_MEAN, OPENAI_STD, build_clip, config_for
 from .load import clip_config_from_state_dict, load, read_state_dict, save_state_dict, weights_id
-from .tokenizer import tokenize
 from .transforms import normalize, preprocess
 from .vocabulary import (
     TEMPLATE_SETS,
@@ -39,3 +38,12 @@ __all__ = [
     "encode_vocabulary",
     "parse_vocabulary",
 ]
+
+
+def __getattr__(name: str):
+    """``tokenize`` on first use: its ftfy/regex imports are not needed when every vocabulary is cached."""
+    if name == "tokenize":
+        from .tokenizer import tokenize
+
+        return tokenize
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -113,17 +113,48 @@ def _sniff(path: Path, size: int) -> str:
     return "unknown"
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each tensor read straight from the file into its own freshly allocated (64-byte aligned) storage.
+
+    Not memory-mapped: a mapped tensor sits at the file's 8-byte alignment, and oneDNN/MKL kernels then take other
+    code paths whose last bits differ (fp32 results must not depend on how a file was read). Reading tensor by
+    tensor into new storage holds the weights once (the model takes these tensors, see ``load_model``), and the
+    format (8-byte header length, JSON header, raw data) needs nothing else.
+    """
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # SafetensorError, OSError, ValueError for unsupported dtypes...
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            metadata = header.pop("__metadata__", None) or {}
+            size = os.fstat(f.fileno()).st_size - 8 - n
+            tensors = {}
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"unsupported dtype {info['dtype']} of {name}")
+                begin, end = (int(x) for x in info["data_offsets"])
+                t = torch.empty([int(d) for d in info["shape"]], dtype=dtype)
+                nbytes = t.numel() * t.element_size()
+                if end - begin != nbytes or begin < 0 or end > size:
+                    raise ValueError(f"tensor {name} does not fit the file")
+                if nbytes:
+                    f.seek(8 + n + begin)
+                    if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+                        raise ValueError("unexpected end of file")
+                tensors[name] = t
+    except Exception as e:  # JSON, key, value and OS errors of a corrupt, truncated or foreign file
         raise CheckpointError(
             f"Checkpoint file {path} is a corrupt or truncated safetensors file ({_first_line(e)}).") from e
-    return tensors, metadata
+    return dict(sorted(tensors.items())), {str(k): str(v) for k, v in metadata.items()}
 
 
 def _torch_load(path: Path, expected: str = "a weights file") -> object:

@@ -100,10 +100,12 @@ def config_for(arch: str, **overrides) -> CLIPConfig:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (OpenAI's weights were trained with fp16 activations)."""
+    """LayerNorm computed in float32 (OpenAI's weights were trained with fp16 activations), also with bf16 weights."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -137,11 +139,21 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L, C] -> stacked queries, keys, values [3, B, heads, L, C/heads]."""
+        b, n, c = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs [B, heads, L, d] -> projected tokens [B, L, C]."""
+        b, h, n, d = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
         b, n, c = x.shape  # [B, L, C]
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, d]
+        q, k, v = self.qkv(x)  # 3 x [B, h, L, d]
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)  # additive mask; boolean masks (True = attend) pass unchanged
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
@@ -164,6 +176,17 @@ class ResidualAttentionBlock(nn.Module):
                 ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_shared(self, x: torch.Tensor, prefix: torch.Tensor, group: torch.Tensor, mask: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal step of rows ``x`` [N, S, C] that continue the shared ``prefix`` [G, P, C] of their ``group`` [N]:
+        each row attends to its group's prefix keys and its own earlier tokens (``mask`` [N, 1, S, P + S])."""
+        qp, kp, vp = self.attn.qkv(self.ln_1(prefix))
+        q, k, v = self.attn.qkv(self.ln_1(x))
+        keys, values = torch.cat([kp[group], k], dim=2), torch.cat([vp[group], v], dim=2)
+        prefix = prefix + self.attn.merge(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True))
+        x = x + self.attn.merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        return x + self.mlp(self.ln_2(x)), prefix + self.mlp(self.ln_2(prefix))
 
 
 class Transformer(nn.Module):
@@ -439,6 +462,43 @@ class CLIP(nn.Module):
         x = self.transformer(x, is_causal=True)  # the fused causal kernel: no mask tensor to read
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def encode_text_grouped(self, tokens: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_text` of prompts where the rows of one ``group`` [N] share their first ids (one template
+        filled with many names): each group's common prefix runs through the tower once and its keys/values serve
+        all its rows. The tower is causal, so a prefix's states do not depend on what follows; the embeddings
+        equal ``encode_text``'s up to float rounding, for about half the token work with the ViLD templates."""
+        n, length = tokens.shape
+        device = tokens.device
+        eot = tokens.argmax(dim=-1)
+        groups, row_group = torch.unique(group, return_inverse=True)
+        shared = torch.empty(len(groups), dtype=torch.long)
+        for g in range(len(groups)):  # longest common prefix of the group, stopping before its first EOT
+            rows = tokens[row_group == g]
+            same = (rows == rows[:1]).all(dim=0).long().cumprod(dim=0).sum()
+            shared[g] = min(int(same), int(eot[row_group == g].min()))
+        shared = shared.to(device)
+        p = int(shared.max())
+        first = torch.stack([tokens[row_group == g][0, :p] for g in range(len(groups))])  # [G, P]
+        ar_p = torch.arange(p, device=device)
+        first = first * (ar_p[None] < shared[:, None])
+        start = shared[row_group]  # [N] where each row's own part begins
+        rest_len = eot + 1 - start
+        s = int(rest_len.max())
+        ar_s = torch.arange(s, device=device)
+        pos = (start[:, None] + ar_s[None]).clamp(max=length - 1)  # [N, S] positions in the prompt
+        valid = ar_s[None] < rest_len[:, None]
+        rest = tokens.gather(1, pos) * valid
+        pe = self.positional_embedding.to(self.dtype)
+        x = self.token_embedding(rest).to(self.dtype) + pe[pos]
+        prefix = self.token_embedding(first).to(self.dtype) + pe[:p]
+        see_prefix = (ar_p[None] < start[:, None])[:, None, :].expand(n, s, p)  # [N, S, P]
+        causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()[None].expand(n, s, s)
+        mask = torch.cat([see_prefix, causal], dim=2)[:, None]  # [N, 1, S, P + S], True = attend
+        for block in self.transformer.resblocks:
+            x, prefix = block.forward_shared(x, prefix, row_group, mask)
+        x = self.ln_final(x)
+        return x[torch.arange(n, device=device), rest_len - 1] @ self.text_projection
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image_features = F.normalize(self.encode_image(images), dim=-1)

@@ -48,6 +48,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, ImageError, VocabularyError
+from ..runtime import model_dtype
 from .clims import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from .registry import register_model
 from .weights import load_strict
@@ -190,7 +191,7 @@ class CLIMSReleaseCAM(nn.Module):
         """Class maps [K, h, w] of one scale: the image and its mirror image, merged (``CAM.forward``)."""
         x = self._normalise(rgb if scale == 1 else pil_rescale(rgb, scale))
         batch = torch.stack([x, x.flip(-1)]) if flip else x[None]
-        maps = self(batch)
+        maps = self(batch.to(model_dtype(self))).float()  # bf16 weights: the network in bf16, the CAM sums in fp32
         return maps[0] + maps[1].flip(-1) if flip else maps[0]
 
     @torch.inference_mode()

@@ -460,6 +460,8 @@ class SentenceModel(OpenVocabModel):
 class ETRIS(SentenceModel):
     """Frozen CLIP + Bridgers + hierarchical/global alignment decoder + dynamic-kernel projector."""
 
+    precision_scope = "clip"  # bf16 casts the towers only: Bridgers and decoder compute in fp32 (``.float()``)
+
     def __init__(self, config: ETRISConfig):
         super().__init__()
         _check_config(config)

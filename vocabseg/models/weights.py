@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +15,20 @@ from ..errors import CheckpointError
 
 
 RenameRule = tuple[str, "str | Callable[[re.Match], str]"]
+
+_ASSIGN = contextvars.ContextVar("vocabseg_assign_weights", default=False)
+
+
+@contextlib.contextmanager
+def assigning() -> Iterator[None]:
+    """Inside, :func:`load_strict` hands the file's tensors to the model instead of copying them, so loading never
+    holds the weights twice. Only for a model just built to be loaded (``load_model``): nothing else (an optimizer)
+    may hold its old parameters."""
+    token = _ASSIGN.set(True)
+    try:
+        yield
+    finally:
+        _ASSIGN.reset(token)
 
 
 def rename_key(key: str, rules: Sequence[RenameRule]) -> str | None:
@@ -53,7 +69,12 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], allow_missing_
             v = v if resized is None else resized  # unresizable: reported by the check below
         fixed[k] = v
     check_state_matches(own, fixed, allow_missing_prefix)
-    model.load_state_dict(fixed, strict=False)
+    if _ASSIGN.get():
+        fixed = {k: (v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v)
+                 for k, v in fixed.items()}
+        model.load_state_dict(fixed, strict=False, assign=True)
+    else:
+        model.load_state_dict(fixed, strict=False)
 
 
 def assign_strict(model: nn.Module, state: Mapping[str, torch.Tensor], allow_missing_prefix: str | None = None) -> None:

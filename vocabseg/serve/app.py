@@ -437,7 +437,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model_name: str | Sequence[
           onnx_dir: str | Path | None = None, device: str = "cpu", trust_jit: bool = False,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
           max_vocabulary: int = DEFAULT_MAX_VOCABULARY, root_path: str = "", proxy_headers: bool = True,
-          forwarded_allow_ips: str | None = None, log_level: str = "info") -> None:
+          forwarded_allow_ips: str | None = None, log_level: str = "info", precision: str = "fp32") -> None:
     """Load a model like ``vocabseg segment`` does and serve it with uvicorn (one process; requests share it).
 
     ``backend="onnx"`` serves a folder written by ``vocabseg export`` (``onnx_dir``). ``root_path``: the sub-path a
@@ -457,7 +457,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model_name: str | Sequence[
         target: Any = load_onnx_segmenter(onnx_dir)
     elif backend == "torch":
         from ..models import load_model
+        from ..runtime import resolve_dtype
 
+        dtype = resolve_dtype(precision)
         names = [model_name] if model_name is None or isinstance(model_name, str) else list(model_name)
         if isinstance(checkpoint, Mapping):
             unknown = [n for n in checkpoint if n not in names]
@@ -471,8 +473,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model_name: str | Sequence[
         for label, path in [*(("checkpoint", p) for p in checkpoints.values()), ("CLIP weights", clip)]:
             if path is not None and not Path(path).exists():
                 raise UserError(f"{label} file {path} does not exist")
-        target = [load_model(n, checkpoint=checkpoints.get(n), clip=clip, device=device, trust_jit=trust_jit)
-                  for n in names]
+        target = [load_model(n, checkpoint=checkpoints.get(n), clip=clip, device=device, trust_jit=trust_jit,
+                             dtype=dtype) for n in names]
     else:
         raise UserError(f"unknown backend {backend!r}; use torch or onnx")
     app = create_app(target, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
