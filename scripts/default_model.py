@@ -30,8 +30,9 @@ from vocabseg.engine.world_eval import (EVAL_SEED, SEEN, UNSEEN, chance_scores, 
 SEEN, UNSEEN = list(SEEN), list(UNSEEN)
 
 
-def ship(clip_run: Path, san_run: Path) -> None:
-    """Write fp16 safetensors: the CLIP in OpenAI layout, and SAN without the CLIP tensors it shares."""
+def ship(clip_run: Path | None, san_run: Path) -> None:
+    """Write fp16 safetensors: the CLIP in OpenAI layout, and SAN without the CLIP tensors it shares.
+    ``clip_run`` None keeps the shipped CLIP (a SAN fine-tuned on it, as v2 is)."""
     from safetensors.torch import load_file, save_file
 
     from vocabseg.clip import load as load_clip
@@ -39,8 +40,9 @@ def ship(clip_run: Path, san_run: Path) -> None:
     from vocabseg.models.default import DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS
 
     DEFAULT_CLIP_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    clip = load_clip(clip_run / "tiny_clip.safetensors").half()
-    save_state_dict(clip, DEFAULT_CLIP_WEIGHTS)
+    if clip_run is not None:
+        clip = load_clip(clip_run / "tiny_clip.safetensors").half()
+        save_state_dict(clip, DEFAULT_CLIP_WEIGHTS)
     full = load_file(str(san_run / "model_final.safetensors"))
     keep = {k: v.half().contiguous() for k, v in full.items()
             if not k.startswith("clip.") or k == "clip.visual.positional_embedding"}
@@ -233,6 +235,7 @@ def main() -> None:
     s = sub.add_parser("ship")
     s.add_argument("--clip-run", type=Path, default=ROOT / "runs" / "default_clip")
     s.add_argument("--san-run", type=Path, default=ROOT / "runs" / "default_san")
+    s.add_argument("--keep-clip", action="store_true", help="keep the shipped CLIP (v2 fine-tunes SAN only)")
     e = sub.add_parser("evaluate")
     e.add_argument("-n", type=int, default=200)
     e.add_argument("--closed-run", type=Path, default=ROOT / "runs" / "default_san_closed")
@@ -250,7 +253,7 @@ def main() -> None:
         if args.doc:
             _replace_block(ROOT / "docs" / "default_model.md", "measure", measure_tables(results))
     elif args.cmd == "ship":
-        ship(args.clip_run, args.san_run)
+        ship(None if args.keep_clip else args.clip_run, args.san_run)
     else:
         report = evaluate(args.n, args.out, args.closed_run)
         _replace_block(ROOT / "docs" / "default_model.md", "results", results_table(report))

@@ -248,12 +248,16 @@ def train_groupvit(cfg: GroupViTTrainConfig, resume: bool = True, log=print) -> 
 
 
 def save_groupvit(model, cfg: GroupViTTrainConfig, out: Path) -> Path:
-    from safetensors.torch import save_file
+    """Write ``groupvit.safetensors`` and ``model.json`` atomically (a model memory-mapped from an older file keeps
+    reading that file, never a half-written one)."""
+    from safetensors.torch import save
 
-    final = out / "groupvit.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(final))
-    (out / "model.json").write_text(json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides},
-                                               indent=2))
+    from .checkpoint import atomic_write, atomic_write_text
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    final = atomic_write(out / "groupvit.safetensors", lambda f: f.write(save(state)))
+    atomic_write_text(out / "model.json", json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides},
+                                                     indent=2))
     return final
 
 
