@@ -149,15 +149,11 @@ def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | No
         if files:
             clip_file, san_file = files.split(",")
             model = vocabseg.load_model("default", checkpoint=san_file, clip=clip_file)
-            mb = (Path(clip_file).stat().st_size + Path(san_file).stat().st_size) / 2 ** 20
-            if str(clip_file).endswith(".safetensors") and "weights" not in str(clip_file):
-                mb = None  # training outputs are fp32 and carry the CLIP twice; shipped size is what counts
+            # what `ship` writes: every tensor once (CLIP file + SAN's own tensors), fp16
+            mb = sum(v.numel() * 2 for v in model.state_dict().values()) / 2 ** 20
         else:
             model = vocabseg.load_model()
             mb = (DEFAULT_CLIP_WEIGHTS.stat().st_size + DEFAULT_SAN_WEIGHTS.stat().st_size) / 2 ** 20
-        if mb is None:
-            params = sum(p.numel() for p in model.parameters())
-            mb = params * 2 / 2 ** 20
         t0 = time.time()
         results[name] = measure_one(model, n_world, n_drawings, mb)
         results[name]["_details"]["seconds"] = time.time() - t0
