@@ -3,7 +3,7 @@
     python scripts/default_model.py ship        # runs/default_clip + runs/default_san -> vocabseg/weights/ (fp16)
     python scripts/default_model.py evaluate    # held-out world: CLIP zero-shot, SAN seen/unseen mIoU, baselines
                                                 # -> docs/default_model_results.json (numbers quoted in the docs)
-    python scripts/default_model.py measure [--candidate NAME=CLIP_FILE,SAN_FILE ...]
+    python scripts/default_model.py measure [--candidate NAME=CLIP_FILE,SAN_FILE[,mask_crop_ensemble:0] ...]
                                                 # every number of issue #24, candidates side by side
 
 Seen / unseen split (configs/default_san_world.yaml): SAN's segmentation labels never contain sand, wall or pink,
@@ -147,8 +147,9 @@ def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | No
     for spec in candidates:
         name, _, files = spec.partition("=")
         if files:
-            clip_file, san_file = files.split(",")
-            model = vocabseg.load_model("default", checkpoint=san_file, clip=clip_file)
+            clip_file, san_file, *options = files.split(",")
+            overrides = {k: float(v) for k, v in (o.split(":") for o in options)}  # e.g. mask_crop_ensemble:0
+            model = vocabseg.load_model("default", checkpoint=san_file, clip=clip_file, **overrides)
             # what `ship` writes: every tensor once (CLIP file + SAN's own tensors), fp16
             mb = sum(v.numel() * 2 for v in model.state_dict().values()) / 2 ** 20
         else:
@@ -238,7 +239,8 @@ def main() -> None:
     e.add_argument("--out", type=Path, default=ROOT / "docs" / "default_model_results.json")
     m = sub.add_parser("measure")
     m.add_argument("--candidate", action="append", default=[],
-                   help="NAME=CLIP_FILE,SAN_FILE (repeatable); without any: the shipped weights")
+                   help="NAME=CLIP_FILE,SAN_FILE[,FIELD:VALUE...] (repeatable; FIELD a SANConfig number such "
+                        "as mask_crop_ensemble); without any: the shipped weights")
     m.add_argument("-n", type=int, default=150, help="held-out world scenes")
     m.add_argument("--drawings", type=int, default=60, help="random out-of-generator drawings")
     m.add_argument("--out", type=Path, default=None, help="also write every figure as JSON here")

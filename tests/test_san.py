@@ -259,3 +259,45 @@ def test_gradients_only_reach_trainable_parameters():
             assert p.grad is not None, name
         else:
             assert p.grad is None, name
+
+
+def test_mask_crops_frame_the_mask_and_paint_the_rest_with_its_mean():
+    from vocabseg.models.san import mask_crops
+
+    pixels = torch.zeros(1, 3, 64, 96)
+    pixels[:, 0, 8:24, 60:80] = 2.0      # a red-ish block (channel 0) at rows 8..24, cols 60..80
+    pixels[:, 2, 40:60, 4:30] = -1.5     # another block elsewhere
+    logits = torch.full((1, 3, 16, 24), -5.0)
+    logits[0, 0, 2:6, 15:20] = 5.0       # mask cells = pixels rows 8..24, cols 60..80
+    logits[0, 1] = 5.0                   # everything
+    crops, present = mask_crops(pixels, logits, 32)
+    assert crops.shape == (3, 3, 32, 32)
+    assert present.tolist() == [[True, True, False]]
+    # first crop: the block fills it, the margin around the block is painted with the block's own colour
+    assert torch.allclose(crops[0, 0], torch.full((32, 32), 2.0), atol=1e-4)
+    assert crops[0, 2].abs().max() < 1e-4
+    # second crop: the whole image (both blocks present)
+    assert crops[1, 0].max() > 1.9 and crops[1, 2].min() < -1.4
+
+
+def test_mask_crop_ensemble_moves_a_mask_to_the_crop_class_and_keeps_its_total():
+    from vocabseg.clip.model import CLIP, CLIPConfig
+    from vocabseg.models.san import mask_crop_ensemble, mask_crops
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
+                           vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=32,
+                           transformer_heads=1, transformer_layers=1)).eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    logits = torch.full((1, 2, 4, 4), -5.0)
+    logits[0, 0, :2, :2] = 5.0
+    with torch.no_grad():
+        emb = F.normalize(clip.encode_image(mask_crops(pixels, logits, 32)[0][:1]), dim=-1)
+    text = torch.cat([emb, -emb, F.normalize(torch.randn(1, 16), dim=-1)])  # class 0 is what the crop shows
+    probs = torch.tensor([[[0.1, 0.6, 0.1], [0.2, 0.2, 0.2]]])
+    with torch.no_grad():
+        mixed = mask_crop_ensemble(clip, pixels, probs, logits, text, 0.7)
+    assert mixed[0, 0].argmax() == 0 and torch.isclose(mixed[0, 0].sum(), torch.tensor(0.8))
+    assert torch.equal(mixed[0, 1], probs[0, 1])  # an empty mask keeps its distribution
+    with torch.no_grad():  # weight 0: the mask's own distribution
+        assert torch.allclose(mask_crop_ensemble(clip, pixels, probs, logits, text, 0.0), probs, atol=1e-6)

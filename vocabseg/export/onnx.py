@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.san import mask_crop_ensemble
+
 __all__ = [
     "FORMAT_VERSION", "CONFIG_NAME", "IMAGE_FILE", "TEXT_FILE", "DEFAULT_OPSET", "DEFAULT_EXPORTER", "EXPORTERS",
     "SANImageExport", "GenericImageExport", "TextEncoderExport", "image_export_module", "input_multiple",
@@ -247,7 +249,11 @@ class SANImageExport(nn.Module):
         emb = F.normalize(vis.head(x[:, :q]), dim=-1)
         classes = model.classifier(text_embeddings)
         logits = model.clip.logit_scale.exp() * emb @ classes.t()
-        return logits.float().softmax(-1)[..., :-1], masks.float()
+        probs = logits.float().softmax(-1)[..., :-1]
+        if model.config.mask_crop_ensemble > 0:
+            probs = mask_crop_ensemble(model.clip, pixels, probs, masks, text_embeddings,
+                                       model.config.mask_crop_ensemble)
+        return probs, masks.float()
 
 
 class GenericImageExport(nn.Module):

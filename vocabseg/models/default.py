@@ -37,7 +37,10 @@ def default_san_config() -> SANConfig:
         clip=default_clip_config(), clip_scale=0.5, fusion_map=((0, 0), (2, 1), (4, 2)), rec_start=4,
         side_width=128, side_depth=6, side_heads=2, side_patch=8, side_image_size=192, num_queries=32,
         embed_channels=128, mlp_channels=128, deep_supervision=(5, 6), templates=WORLD_TEMPLATES,
-        short_side=192, max_side=768, size_divisibility=32, train_num_points=4096)
+        short_side=192, max_side=768, size_divisibility=32, train_num_points=4096,
+        # each mask is also classified by the CLIP on its own crop (v2, docs/default_model.md): the 96-px CLIP
+        # recognises a cropped object's colour reliably, a few patches of the whole image much less so
+        mask_crop_ensemble=0.7)
 
 
 def default_lit_san_config() -> SANConfig:

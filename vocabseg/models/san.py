@@ -55,6 +55,64 @@ class SANConfig:
     max_side: int = 2560
     size_divisibility: int = 32
     text_tower: str = "clip"  # "minilm": a LiTCLIP (frozen MiniLM text tower; clip.embed_dim must be 384)
+    # > 0: also classify each mask proposal by CLIP on a crop of it and mix the two class distributions
+    # geometrically with this weight on the crop (mask_crop_ensemble). Off for the official models (SAN itself has
+    # no such step); the embedded default uses it because its 96-px CLIP sees a small object as a few patches.
+    mask_crop_ensemble: float = 0.0
+
+
+def mask_crops(pixels: torch.Tensor, mask_logits: torch.Tensor, size: int, context: float = 0.15,
+               margin: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One square crop per mask proposal, around its foreground box with ``context`` and ``margin`` px to spare.
+
+    pixels [B, 3, H, W] (normalised), mask_logits [B, Q, h, w] -> crops [B*Q, 3, size, size] in which the pixels
+    outside the mask take the mask's mean colour (so a crop shows one object, or one background with the objects on
+    it painted over), and ``present`` [B, Q] (masks with any foreground; the others' crops are meaningless).
+    Written with tensor operations only (bilinear sampling on a computed grid), so it traces into ONNX.
+    """
+    b, q, h, w = mask_logits.shape
+    height, width = pixels.shape[-2], pixels.shape[-1]
+    fg = mask_logits > 0
+    present = fg.flatten(2).any(-1)
+    rows = torch.arange(h, device=pixels.device, dtype=torch.float32).view(h, 1)
+    cols = torch.arange(w, device=pixels.device, dtype=torch.float32).view(1, w)
+    big = torch.tensor(1e9, device=pixels.device)
+    y0 = torch.where(fg, rows, big).amin((-2, -1))
+    y1 = torch.where(fg, rows + 1, -big).amax((-2, -1))
+    x0 = torch.where(fg, cols, big).amin((-2, -1))
+    x1 = torch.where(fg, cols + 1, -big).amax((-2, -1))
+    y0, y1 = torch.where(present, y0, 0.0), torch.where(present, y1, float(h))
+    x0, x1 = torch.where(present, x0, 0.0), torch.where(present, x1, float(w))
+    sy, sx = height / h, width / w  # mask cell -> pixels
+    cy, cx = (y0 + y1) * (sy / 2), (x0 + x1) * (sx / 2)
+    half = torch.maximum((y1 - y0) * sy, (x1 - x0) * sx) * ((1 + context) / 2) + margin
+    # output pixel centres in [-1, 1] -> input coordinates (align_corners=False convention)
+    t = (torch.arange(size, device=pixels.device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    gx = (cx.view(b * q, 1, 1) + half.view(b * q, 1, 1) * t.view(1, 1, size)) / width * 2 - 1
+    gy = (cy.view(b * q, 1, 1) + half.view(b * q, 1, 1) * t.view(1, size, 1)) / height * 2 - 1
+    grid = torch.stack([gx.expand(b * q, size, size), gy.expand(b * q, size, size)], dim=-1)
+    source = pixels.unsqueeze(1).expand(b, q, *pixels.shape[1:]).reshape(b * q, *pixels.shape[1:])
+    crops = F.grid_sample(source.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = F.grid_sample(mask_logits.reshape(b * q, 1, h, w).float(), grid, mode="bilinear",
+                           padding_mode="border", align_corners=False) > 0
+    count = inside.sum((2, 3)).clamp_min(1)
+    mean = (crops * inside).sum((2, 3)) / count
+    crops = torch.where(inside, crops, mean[:, :, None, None])
+    return crops, present
+
+
+def mask_crop_ensemble(clip: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
+                       text_embeddings: torch.Tensor, weight: float) -> torch.Tensor:
+    """Mix each mask's class distribution with CLIP's zero-shot distribution on the mask's crop (:func:`mask_crops`):
+    p ∝ p_mask^(1-weight) · p_crop^weight over the classes, keeping the mask's total (its "no object" share)."""
+    b, q, c = probs.shape
+    crops, present = mask_crops(pixels, mask_logits, clip.visual.input_resolution)
+    emb = F.normalize(clip.encode_image(crops.to(pixels.dtype)).float(), dim=-1)
+    text = F.normalize(text_embeddings.float(), dim=-1)
+    crop_probs = (clip.logit_scale.exp().float() * emb @ text.t()).softmax(-1).view(b, q, c)
+    total = probs.sum(-1, keepdim=True)
+    mixed = ((1 - weight) * probs.clamp_min(1e-8).log() + weight * crop_probs.clamp_min(1e-8).log()).softmax(-1)
+    return torch.where(present.unsqueeze(-1), mixed * total, probs)
 
 
 def build_clip_for(config: SANConfig) -> nn.Module:
@@ -343,6 +401,9 @@ class SAN(OpenVocabModel):
         """Eval forward -> (class probabilities [B, Q, C] without background, mask logits [B, Q, h, w])."""
         out = self.forward(pixels, text_embeddings)
         probs = out["pred_logits"].float().softmax(-1)[..., :-1]
+        if self.config.mask_crop_ensemble > 0:
+            probs = mask_crop_ensemble(self.clip, pixels, probs, out["pred_masks"], text_embeddings,
+                                       self.config.mask_crop_ensemble)
         return probs, out["pred_masks"].float()
 
     # -- training hooks used by the engine ----------------------------------------------------------------------
