@@ -73,7 +73,8 @@ def _own_running() -> int:
     n = 0
     for path in glob.glob("/proc/self/task/*/stat"):
         try:
-            text = open(path).read()
+            with open(path) as f:
+                text = f.read()
         except OSError:
             continue
         n += text[text.rindex(")") + 2: text.rindex(")") + 3] == "R"
