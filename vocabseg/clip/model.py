@@ -177,13 +177,22 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_shared(self, x: torch.Tensor, prefix: torch.Tensor, group: torch.Tensor, mask: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_shared(self, x: torch.Tensor, prefix: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
+                       last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal step of rows ``x`` [N, S, C] that continue the shared ``prefix`` [G, P, C] of their ``group`` [N]:
-        each row attends to its group's prefix keys and its own earlier tokens (``mask`` [N, 1, S, P + S])."""
+        each row attends to its group's prefix keys and its own earlier tokens (``mask`` [N, 1, S, P + S]).
+
+        ``last`` [N] (the final block): only each row's token at that position is read afterwards, so only it is
+        carried through the attention output and the MLP -> [N, 1, C]; the prefix is returned unchanged."""
         qp, kp, vp = self.attn.qkv(self.ln_1(prefix))
         q, k, v = self.attn.qkv(self.ln_1(x))
         keys, values = torch.cat([kp[group], k], dim=2), torch.cat([vp[group], v], dim=2)
+        if last is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, last].unsqueeze(1)
+            q, mask = q[rows, :, last].unsqueeze(2), mask[rows, :, last].unsqueeze(2)
+            x = x + self.attn.merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+            return x + self.mlp(self.ln_2(x)), prefix
         prefix = prefix + self.attn.merge(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True))
         x = x + self.attn.merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
         return x + self.mlp(self.ln_2(x)), prefix + self.mlp(self.ln_2(prefix))
@@ -495,10 +504,11 @@ class CLIP(nn.Module):
         see_prefix = (ar_p[None] < start[:, None])[:, None, :].expand(n, s, p)  # [N, S, P]
         causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()[None].expand(n, s, s)
         mask = torch.cat([see_prefix, causal], dim=2)[:, None]  # [N, 1, S, P + S], True = attend
-        for block in self.transformer.resblocks:
-            x, prefix = block.forward_shared(x, prefix, row_group, mask)
-        x = self.ln_final(x)
-        return x[torch.arange(n, device=device), rest_len - 1] @ self.text_projection
+        blocks = self.transformer.resblocks
+        for i, block in enumerate(blocks):
+            x, prefix = block.forward_shared(x, prefix, row_group, mask,
+                                             last=rest_len - 1 if i == len(blocks) - 1 else None)
+        return self.ln_final(x[:, 0]) @ self.text_projection
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image_features = F.normalize(self.encode_image(images), dim=-1)
