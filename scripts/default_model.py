@@ -114,6 +114,7 @@ def measure_one(model, n_world: int, n_drawings: int, weights_mb: float) -> dict
     torch.manual_seed(0)
     z = zero_shot_report(model.clip, ContrastiveConfig(), num_samples=400)
     draw = drawing_scores(model, drawing_set(n_drawings))
+    more = drawing_scores(model, drawing_set(200, seed=25_000_000))  # a second, larger sample: how much n matters
     issue = drawing_scores(model, issue_drawings())
     pairs = drawing_scores(model, same_color_drawings())
     world = seen_unseen(segmentation_scores(model, SEEN + UNSEEN, n_world))
@@ -122,6 +123,8 @@ def measure_one(model, n_world: int, n_drawings: int, weights_mb: float) -> dict
         "drawings: worst object IoU (target >= 30)": draw["object_min_IoU"],
         "drawings: objects with IoU >= 30 (%)": draw["objects_at_least_30"],
         "drawings: mIoU incl. background": draw["drawing_mIoU"],
+        "200 more drawings (seed 25M): object mIoU": more["object_mIoU"],
+        "200 more drawings: objects with IoU >= 30 (%)": more["objects_at_least_30"],
         "issue drawings: object IoUs": " ".join(f"{v:.0f}" for r in issue["records"] for k, v in r["IoU"].items()
                                                 if k not in ("background",)),
         "same-colour pairs: object mIoU": pairs["object_mIoU"],
@@ -134,7 +137,7 @@ def measure_one(model, n_world: int, n_drawings: int, weights_mb: float) -> dict
         "bundled example IoUs (>= 90)": " ".join(f"{v:.0f}" for v in hand_drawn_check(model)["IoU"].values()),
         "weights MB, fp16 (<= 30)": weights_mb,
         "s per 512^2 image, 10 names": cpu_latency(model, 512, (SEEN + UNSEEN)[:10]),
-        "_details": {"drawings": draw, "issue": issue, "pairs": pairs, "zero_shot": z, "world": world},
+        "_details": {"drawings": draw, "more_drawings": more, "issue": issue, "pairs": pairs, "zero_shot": z, "world": world},
     }
 
 
