@@ -50,3 +50,19 @@ def test_world_example_finds_its_backgrounds(model):
     result = model.predict(EXAMPLES / "world_scene.png", ["sky", "grass", "water", "sand", "wall", "road"])
     present = {a["name"] for a in result.areas() if a["fraction"] > 0.1}
     assert {"sky", "water"} <= present
+
+
+def test_segments_the_plain_drawings_of_issue_24(model):
+    """Three drawings made outside the generator (vocabseg.data.drawings): v1 lost four of their seven objects."""
+    from vocabseg.data.drawings import issue_drawings
+    from vocabseg.engine.world_eval import drawing_scores
+
+    scores = drawing_scores(model, issue_drawings())
+    for record in scores["records"]:
+        for name, iou in record["IoU"].items():
+            assert iou > 70, (record["kind"], name, iou)  # measured: every one >= 84
+
+
+def test_crop_ensemble_is_on_for_the_default_only(model):
+    assert model.config.mask_crop_ensemble > 0
+    assert vocabseg.models.get_config("san_vit_b_16").mask_crop_ensemble == 0
