@@ -53,6 +53,8 @@ def ship(clip_run: Path | None, san_run: Path) -> None:
 
 def hand_drawn_check(model) -> dict:
     """The bundled drawing (not from the generator): red circle and blue square on white."""
+    from vocabseg.data.drawings import Drawing
+    from vocabseg.engine.world_eval import drawing_scores
     from vocabseg.io import load_image
 
     rgb = load_image(ROOT / "vocabseg" / "examples" / "shapes.png")
@@ -61,14 +63,8 @@ def hand_drawn_check(model) -> dict:
     truth = np.full((h, w), 2)
     truth[(xx - 130) ** 2 + (yy - 170) ** 2 <= 80 ** 2] = 0
     truth[(xx >= 270) & (xx <= 420) & (yy >= 110) & (yy <= 260)] = 1
-    names = ["red circle", "blue square", "background"]
-    labels = model.predict(rgb, names).labels
-    iou = {}
-    for k, name in enumerate(names):
-        inter = np.logical_and(labels == k, truth == k).sum()
-        union = np.logical_or(labels == k, truth == k).sum()
-        iou[name] = 100.0 * inter / max(union, 1)
-    return {"IoU": iou, "pixel_accuracy": 100.0 * float((labels == truth).mean())}
+    record = drawing_scores(model, [Drawing(rgb, truth, ["red circle", "blue square", "background"])])["records"][0]
+    return {"IoU": record["IoU"], "pixel_accuracy": record["pACC"]}
 
 
 def evaluate(n: int, out: Path, closed_run: Path | None) -> dict:

@@ -130,18 +130,18 @@ def drawing_scores(model: torch.nn.Module, drawings: Sequence[Any]) -> dict[str,
     """IoU of every object (and background) of plain drawings (:mod:`vocabseg.data.drawings`), each asked with its
     own obvious vocabulary. Returns per-drawing records plus the mean / minimum object IoU and the mean over drawings
     of their mIoU (objects and background)."""
+    from ..metrics import ConfusionMatrix
     from ..predict import Predictor
 
     predictor = Predictor(model)
     records, object_ious, drawing_mious = [], [], []
     for d in drawings:
         labels = predictor.predict_array(d.image, list(d.names), model.text_embeddings(list(d.names))).labels
-        ious = {}
-        for k, name in enumerate(d.names):
-            inter = np.logical_and(labels == k, d.labels == k).sum()
-            union = np.logical_or(labels == k, d.labels == k).sum()
-            ious[name] = 100.0 * float(inter) / max(int(union), 1)
-        records.append({"kind": d.kind, "IoU": ious})
+        cm = ConfusionMatrix(len(d.names), ignore_index=None)
+        cm.update(labels, d.labels)
+        m = cm.compute()
+        ious = dict(zip(d.names, map(float, m["IoU"])))
+        records.append({"kind": d.kind, "IoU": ious, "pACC": float(m["pACC"])})
         object_ious += [ious[n] for n in d.names[:-1]]
         drawing_mious.append(float(np.mean(list(ious.values()))))
     obj = np.asarray(object_ious)
