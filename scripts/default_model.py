@@ -137,6 +137,13 @@ def measure_one(model, n_world: int, n_drawings: int, weights_mb: float) -> dict
     }
 
 
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | None) -> dict:
     """Print the figures of each candidate (NAME=CLIP_FILE,SAN_FILE; "shipped" = the bundled weights) side by side."""
     import vocabseg
@@ -147,7 +154,7 @@ def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | No
         name, _, files = spec.partition("=")
         if files:
             clip_file, san_file, *options = files.split(",")
-            overrides = {k: float(v) for k, v in (o.split(":") for o in options)}  # e.g. mask_crop_ensemble:0
+            overrides = {k: _number_or_text(v) for k, v in (o.split(":") for o in options)}  # e.g. mask_crop_ensemble:0
             model = vocabseg.load_model("default", checkpoint=san_file, clip=clip_file, **overrides)
             # what `ship` writes: every tensor once (CLIP file + SAN's own tensors), fp16
             mb = sum(v.numel() * 2 for v in model.state_dict().values()) / 2 ** 20

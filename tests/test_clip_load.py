@@ -324,3 +324,31 @@ def test_read_state_dict_unwraps_and_strips(case):
     assert set(sd) == set(model.state_dict())
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     assert torch.equal(sd["text_projection"], model.text_projection)
+
+
+def test_conv_branch_starts_silent_and_round_trips(tmp_path):
+    """A ViT with the embedded default's convolutional branch: a fresh branch leaves encode_image unchanged, a
+    trained one changes it (only the pooled embedding: patch tokens stay), and the file loads with or without the
+    saved config (the branch's width is read from its tensors)."""
+    cfg = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                     vocab_size=1000, transformer_width=64, transformer_heads=4, transformer_layers=1)
+    torch.manual_seed(0)
+    plain = vc.build_clip(cfg).eval()
+    branched = vc.build_clip(CLIPConfig(**{**cfg.to_dict(), "vision_conv_branch": 8})).eval()
+    missing, unexpected = branched.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("visual.conv_branch.") for k in missing) and missing
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(branched.encode_image(images), plain.encode_image(images))
+        torch.nn.init.normal_(branched.visual.conv_branch.proj.weight, std=0.1)
+        assert not torch.allclose(branched.encode_image(images), plain.encode_image(images), atol=1e-3)
+        tokens = branched.visual.forward_features(images, [2])[0][2]
+        assert torch.equal(tokens, plain.visual.forward_features(images, [2])[0][2])
+    saved = vc.save_state_dict(branched, tmp_path / "branched.safetensors")
+    bare = tmp_path / "bare.pt"
+    torch.save(branched.state_dict(), bare)
+    for path in (saved, bare):
+        loaded = vc.load(path)
+        assert loaded.config.vision_conv_branch == 8
+        with torch.no_grad():
+            assert torch.equal(loaded.encode_image(images), branched.encode_image(images))

@@ -280,6 +280,25 @@ def test_mask_crops_frame_the_mask_and_paint_the_rest_with_its_mean():
     assert crops[1, 0].max() > 1.9 and crops[1, 2].min() < -1.4
 
 
+def test_surround_fill_keeps_the_masks_outline_on_its_surroundings():
+    from vocabseg.models.san import mask_crops
+
+    pixels = torch.zeros(1, 3, 64, 64)
+    pixels[:, 2] = -1.0                  # a "blue" field
+    pixels[:, 0, 16:48, 16:48] = 2.0     # a "red" square on it, no blue
+    pixels[:, 2, 16:48, 16:48] = 0.0
+    logits = torch.full((1, 1, 16, 16), -5.0)
+    logits[0, 0, 4:12, 4:12] = 5.0       # the square
+    crops, _ = mask_crops(pixels, logits, 32, fill="surround_mean")
+    red, blue = crops[0, 0], crops[0, 2]
+    assert red[16, 16] > 1.9 and blue[16, 16].abs() < 1e-4     # inside: the square as it is
+    assert red[0, 0].abs() < 1e-4 and blue[0, 0] < -0.99      # outside: the field's colour, not the square's
+    same, _ = mask_crops(pixels, logits, 32)                  # default fill: the square's own colour everywhere
+    assert same[0, 0, 0, 0] > 1.9
+    with pytest.raises(ValueError, match="crop fill"):
+        mask_crops(pixels, logits, 32, fill="zeros")
+
+
 def test_mask_crop_ensemble_moves_a_mask_to_the_crop_class_and_keeps_its_total():
     from vocabseg.clip.model import CLIP, CLIPConfig
     from vocabseg.models.san import mask_crop_ensemble, mask_crops

@@ -359,6 +359,7 @@ def clip_config_from_state_dict(sd: Mapping[str, torch.Tensor], activation: str 
         transformer_layers=_count_blocks(sd, "transformer.resblocks."),
         activation=activation,
         vision_heads=vision_heads,
+        vision_conv_branch=shape("visual.conv_branch.convs.0.weight", 4)[0] if "visual.conv_branch.convs.0.weight" in sd else 0,
     )
 
 

@@ -39,6 +39,10 @@ class CLIPConfig:
     transformer_layers: int = 12
     activation: str = "quick_gelu"  # OpenAI weights use QuickGELU; LAION-trained open_clip ViTs use exact "gelu"
     vision_heads: int | None = None  # default: width // 64 (ViT), width * 32 // 64 (ResNet)
+    # Base channels of a small convolutional branch whose output is added to the ViT's pooled embedding (0: none,
+    # as in every released CLIP). The embedded default has one: its 6-layer ViT, trained on our compute, never
+    # learned shapes, which a few 3x3 convolutions pick up quickly (docs/default_model.md).
+    vision_conv_branch: int = 0
 
     @property
     def is_vit(self) -> bool:
@@ -226,11 +230,35 @@ def resize_grid_embedding(grid: torch.Tensor, size: tuple[int, int]) -> torch.Te
 # ----------------------------------------------------------------------------------------------- image towers
 
 
+class ConvBranch(nn.Module):
+    """Six 3x3 convolutions with ReLU (three of stride 2), max- and mean-pooled, projected to the embedding.
+
+    Added to a ViT's pooled embedding (``CLIPConfig.vision_conv_branch``), it carries local structure such as an
+    outline's corners and curves; its projection starts at zero, so a fresh branch leaves the tower's output as it
+    was. Only the pooled embedding (``encode_image``) sees it; the patch tokens that dense models read do not.
+    """
+
+    def __init__(self, channels: int, output_dim: int):
+        super().__init__()
+        c = channels
+        plan = ((3, c, 2), (c, c, 1), (c, 2 * c, 2), (2 * c, 2 * c, 1), (2 * c, 4 * c, 2), (4 * c, 4 * c, 1))
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, s, 1) for i, o, s in plan)
+        self.proj = nn.Linear(8 * c, output_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.proj.weight.dtype)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.proj(torch.cat([x.amax((2, 3)), x.mean((2, 3))], dim=1))
+
+
 class VisionTransformer(nn.Module):
     """CLIP's ViT. "Layer k" below means the tokens after k blocks (layer 0 = after ``ln_pre``)."""
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int, activation: str = "quick_gelu"):
+                 output_dim: int, activation: str = "quick_gelu", conv_branch: int = 0):
         super().__init__()
         self.input_resolution, self.patch_size, self.width, self.output_dim = input_resolution, patch_size, width, output_dim
         scale = width ** -0.5
@@ -242,6 +270,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.conv_branch = ConvBranch(conv_branch, output_dim) if conv_branch else None
 
     @property
     def num_layers(self) -> int:
@@ -300,7 +329,8 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x, _ = self.embed(images)
         x = self.run_blocks(x)
-        return self.head(x[:, 0])
+        out = self.head(x[:, 0])
+        return out if self.conv_branch is None else out + self.conv_branch(images).to(out.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -419,7 +449,7 @@ class CLIP(nn.Module):
         if c.is_vit:
             self.visual: VisionTransformer | ModifiedResNet = VisionTransformer(
                 c.image_resolution, c.vision_patch_size, c.vision_width, c.vision_layers,
-                c.resolved_vision_heads, c.embed_dim, c.activation)
+                c.resolved_vision_heads, c.embed_dim, c.activation, c.vision_conv_branch)
         else:
             self.visual = ModifiedResNet(c.vision_layers, c.embed_dim, c.resolved_vision_heads,
                                          c.image_resolution, c.vision_width)

@@ -252,7 +252,7 @@ class SANImageExport(nn.Module):
         probs = logits.float().softmax(-1)[..., :-1]
         if model.config.mask_crop_ensemble > 0:
             probs = mask_crop_ensemble(model.clip, pixels, probs, masks, text_embeddings,
-                                       model.config.mask_crop_ensemble)
+                                       model.config.mask_crop_ensemble, model.config.mask_crop_fill)
         return probs, masks.float()
 
 

@@ -59,15 +59,24 @@ class SANConfig:
     # geometrically with this weight on the crop (mask_crop_ensemble). Off for the official models (SAN itself has
     # no such step); the embedded default uses it because its 96-px CLIP sees a small object as a few patches.
     mask_crop_ensemble: float = 0.0
+    # What the crop shows outside its mask: "mask_mean" paints it with the mask's own mean colour (an object's crop
+    # becomes its colour alone), "surround_mean" with the mean of the crop's other pixels (the object's outline on
+    # its surroundings, for a CLIP that knows shapes).
+    mask_crop_fill: str = "mask_mean"
+
+
+CROP_FILLS = ("mask_mean", "surround_mean")
 
 
 def mask_crops(pixels: torch.Tensor, mask_logits: torch.Tensor, size: int, context: float = 0.15,
-               margin: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+               margin: float = 4.0, fill: str = "mask_mean") -> tuple[torch.Tensor, torch.Tensor]:
     """One square crop per mask proposal, around its foreground box with ``context`` and ``margin`` px to spare.
 
     pixels [B, 3, H, W] (normalised), mask_logits [B, Q, h, w] -> crops [B*Q, 3, size, size] in which the pixels
-    outside the mask take the mask's mean colour (so a crop shows one object, or one background with the objects on
-    it painted over), and ``present`` [B, Q] (masks with any foreground; the others' crops are meaningless).
+    outside the mask take one flat colour, and ``present`` [B, Q] (masks with any foreground; the others' crops are
+    meaningless). ``fill="mask_mean"``: the mask's mean colour (a crop shows one object's colour, or one background
+    with the objects on it painted over); ``"surround_mean"``: the mean of the crop's pixels outside the mask (the
+    mask's outline stays visible).
     Written with tensor operations only (bilinear sampling on a computed grid), so it traces into ONNX.
     """
     b, q, h, w = mask_logits.shape
@@ -95,18 +104,21 @@ def mask_crops(pixels: torch.Tensor, mask_logits: torch.Tensor, size: int, conte
     crops = F.grid_sample(source.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     inside = F.grid_sample(mask_logits.reshape(b * q, 1, h, w).float(), grid, mode="bilinear",
                            padding_mode="border", align_corners=False) > 0
-    count = inside.sum((2, 3)).clamp_min(1)
-    mean = (crops * inside).sum((2, 3)) / count
+    if fill not in CROP_FILLS:
+        raise ValueError(f"unknown crop fill {fill!r}; use one of {CROP_FILLS}")
+    painted = inside if fill == "mask_mean" else ~inside
+    count = painted.sum((2, 3)).clamp_min(1)
+    mean = (crops * painted).sum((2, 3)) / count
     crops = torch.where(inside, crops, mean[:, :, None, None])
     return crops, present
 
 
 def mask_crop_ensemble(clip: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
-                       text_embeddings: torch.Tensor, weight: float) -> torch.Tensor:
+                       text_embeddings: torch.Tensor, weight: float, fill: str = "mask_mean") -> torch.Tensor:
     """Mix each mask's class distribution with CLIP's zero-shot distribution on the mask's crop (:func:`mask_crops`):
     p ∝ p_mask^(1-weight) · p_crop^weight over the classes, keeping the mask's total (its "no object" share)."""
     b, q, c = probs.shape
-    crops, present = mask_crops(pixels, mask_logits, clip.visual.input_resolution)
+    crops, present = mask_crops(pixels, mask_logits, clip.visual.input_resolution, fill=fill)
     emb = F.normalize(clip.encode_image(crops.to(pixels.dtype)).float(), dim=-1)
     text = F.normalize(text_embeddings.float(), dim=-1)
     crop_probs = (clip.logit_scale.exp().float() * emb @ text.t()).softmax(-1).view(b, q, c)
@@ -403,7 +415,7 @@ class SAN(OpenVocabModel):
         probs = out["pred_logits"].float().softmax(-1)[..., :-1]
         if self.config.mask_crop_ensemble > 0:
             probs = mask_crop_ensemble(self.clip, pixels, probs, out["pred_masks"], text_embeddings,
-                                       self.config.mask_crop_ensemble)
+                                       self.config.mask_crop_ensemble, self.config.mask_crop_fill)
         return probs, out["pred_masks"].float()
 
     # -- training hooks used by the engine ----------------------------------------------------------------------
