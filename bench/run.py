@@ -107,8 +107,9 @@ def build(name: str):
     from vocabseg.models import get_entry
 
     entry = get_entry(name)
-    if entry.weights is not None and Path(entry.weights).exists() and \
-            (entry.clip_weights is None or Path(entry.clip_weights).exists()):
+    clip_files = [] if entry.clip_weights is None else \
+        [entry.clip_weights] if isinstance(entry.clip_weights, Path) else list(entry.clip_weights)
+    if entry.weights is not None and Path(entry.weights).exists() and all(Path(f).exists() for f in clip_files):
         return vocabseg.load_model(name)
     torch.manual_seed(0)
     return vocabseg.create_model(name).eval()

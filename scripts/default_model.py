@@ -1,6 +1,8 @@
 """Stage 3 of the embedded default: pack the trained weights into the package, and measure what it knows.
 
     python scripts/default_model.py ship        # runs/default_clip + runs/default_san -> vocabseg/weights/ (fp16)
+    python scripts/default_model.py ship --keep-clip --san-run runs/default_san_v2 \
+        --shape-run runs/default_clip_shapes    # v3: the shape-tuned CLIP as a patch on the shared CLIP
     python scripts/default_model.py evaluate    # held-out world: CLIP zero-shot, SAN seen/unseen mIoU, baselines
                                                 # -> docs/default_model_results.json (numbers quoted in the docs)
     python scripts/default_model.py measure [--candidate NAME=CLIP_FILE,SAN_FILE[,mask_crop_ensemble:0] ...]
@@ -30,19 +32,25 @@ from vocabseg.engine.world_eval import (EVAL_SEED, SEEN, UNSEEN, chance_scores, 
 SEEN, UNSEEN = list(SEEN), list(UNSEEN)
 
 
-def ship(clip_run: Path | None, san_run: Path) -> None:
+def ship(clip_run: Path | None, san_run: Path, shape_run: Path | None = None) -> None:
     """Write fp16 safetensors: the CLIP in OpenAI layout, and SAN without the CLIP tensors it shares.
-    ``clip_run`` None keeps the shipped CLIP (a SAN fine-tuned on it, as v2 is)."""
+    ``clip_run`` None keeps the shipped CLIP (a SAN fine-tuned on it, as v2 is). ``shape_run``: a run of
+    configs/default_clip_shapes.yaml, whose CLIP is written as a patch on the shipped CLIP (what only the default
+    uses: conv branch, text tower), so the world-trained models keep the CLIP they were trained on."""
     from safetensors.torch import load_file, save_file
 
     from vocabseg.clip import load as load_clip
-    from vocabseg.clip.load import save_state_dict
-    from vocabseg.models.default import DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS
+    from vocabseg.clip.load import read_state_dict, save_state_dict, save_weight_patch
+    from vocabseg.models.default import DEFAULT_CLIP_SHAPES_PATCH, DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS
 
     DEFAULT_CLIP_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
     if clip_run is not None:
         clip = load_clip(clip_run / "tiny_clip.safetensors").half()
         save_state_dict(clip, DEFAULT_CLIP_WEIGHTS)
+    if shape_run is not None:
+        tuned = read_state_dict(shape_run / "clip_shapes.safetensors")
+        save_weight_patch(read_state_dict(DEFAULT_CLIP_WEIGHTS), tuned, DEFAULT_CLIP_SHAPES_PATCH, dtype=torch.float16)
+        print(f"{DEFAULT_CLIP_SHAPES_PATCH.relative_to(ROOT)}: {DEFAULT_CLIP_SHAPES_PATCH.stat().st_size / 2**20:.1f} MB")
     full = load_file(str(san_run / "model_final.safetensors"))
     keep = {k: v.half().contiguous() for k, v in full.items()
             if not k.startswith("clip.") or k == "clip.visual.positional_embedding"}
@@ -147,7 +155,7 @@ def _number_or_text(value: str) -> float | str:
 def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | None) -> dict:
     """Print the figures of each candidate (NAME=CLIP_FILE,SAN_FILE; "shipped" = the bundled weights) side by side."""
     import vocabseg
-    from vocabseg.models.default import DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS
+    from vocabseg.models.default import DEFAULT_CLIP_SHAPES_PATCH, DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS
 
     results = {}
     for spec in candidates:
@@ -160,7 +168,8 @@ def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | No
             mb = sum(v.numel() * 2 for v in model.state_dict().values()) / 2 ** 20
         else:
             model = vocabseg.load_model()
-            mb = (DEFAULT_CLIP_WEIGHTS.stat().st_size + DEFAULT_SAN_WEIGHTS.stat().st_size) / 2 ** 20
+            files = [DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS, DEFAULT_CLIP_SHAPES_PATCH]
+            mb = sum(f.stat().st_size for f in files if f.exists()) / 2 ** 20
         t0 = time.time()
         results[name] = measure_one(model, n_world, n_drawings, mb)
         results[name]["_details"]["seconds"] = time.time() - t0
@@ -239,6 +248,7 @@ def main() -> None:
     s.add_argument("--clip-run", type=Path, default=ROOT / "runs" / "default_clip")
     s.add_argument("--san-run", type=Path, default=ROOT / "runs" / "default_san")
     s.add_argument("--keep-clip", action="store_true", help="keep the shipped CLIP (v2 fine-tunes SAN only)")
+    s.add_argument("--shape-run", type=Path, default=None, help="a shape-tuning run: its CLIP shipped as a patch")
     e = sub.add_parser("evaluate")
     e.add_argument("-n", type=int, default=200)
     e.add_argument("--closed-run", type=Path, default=ROOT / "runs" / "default_san_closed")
@@ -257,7 +267,7 @@ def main() -> None:
         if args.doc:
             _replace_block(ROOT / "docs" / "default_model.md", "measure", measure_tables(results))
     elif args.cmd == "ship":
-        ship(None if args.keep_clip else args.clip_run, args.san_run)
+        ship(None if args.keep_clip else args.clip_run, args.san_run, args.shape_run)
     else:
         report = evaluate(args.n, args.out, args.closed_run)
         _replace_block(ROOT / "docs" / "default_model.md", "results", results_table(report))

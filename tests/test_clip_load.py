@@ -352,3 +352,30 @@ def test_conv_branch_starts_silent_and_round_trips(tmp_path):
         assert loaded.config.vision_conv_branch == 8
         with torch.no_grad():
             assert torch.equal(loaded.encode_image(images), branched.encode_image(images))
+
+
+def test_weight_patch_stores_changed_rows_only_and_rebuilds_the_weights(tmp_path):
+    from vocabseg.clip.load import read_patched_state_dict, read_state_dict, save_weight_patch
+
+    cfg = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8,
+                     vocab_size=1000, transformer_width=64, transformer_heads=4, transformer_layers=1)
+    torch.manual_seed(0)
+    base = vc.build_clip(cfg).eval()
+    tuned = vc.build_clip(CLIPConfig(**{**cfg.to_dict(), "vision_conv_branch": 4})).eval()
+    tuned.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        tuned.token_embedding.weight[[3, 500]] += 1.0      # two words re-learned
+        tuned.ln_final.weight.mul_(1.5)                    # a whole tensor changed
+        torch.nn.init.normal_(tuned.visual.conv_branch.proj.weight)  # a new module
+    base_file = vc.save_state_dict(base, tmp_path / "base.safetensors")
+    patch = save_weight_patch(base.state_dict(), tuned.state_dict(), tmp_path / "patch.safetensors")
+    stored = read_state_dict(patch)
+    assert stored["token_embedding.weight.__rows__"].tolist() == [3, 500]
+    assert "token_embedding.weight" not in stored and "visual.conv1.weight" not in stored  # unchanged: left out
+    assert "ln_final.weight" in stored and "visual.conv_branch.proj.weight" in stored
+    assert patch.stat().st_size < base_file.stat().st_size / 10
+    merged = read_patched_state_dict([base_file, patch])
+    want = tuned.state_dict()
+    assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
+    with pytest.raises(UserError, match="weight patch"):
+        read_patched_state_dict(patch)

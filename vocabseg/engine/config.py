@@ -380,9 +380,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "referring": ("vocabseg.engine.referring", "ReferringFamily"),
     "groupvit": ("vocabseg.engine.groupvit_train", "GroupViTFamily"),
     "clip": ("vocabseg.engine.contrastive", "ClipFamily"),
+    "shapes": ("vocabseg.engine.shape_tuning", "ShapeTuningFamily"),
 }
 CONFIG_FAMILY = {"TrainConfig": "segmentation", "ReferringTrainConfig": "referring",
-                 "GroupViTTrainConfig": "groupvit", "ContrastiveConfig": "clip"}
+                 "GroupViTTrainConfig": "groupvit", "ContrastiveConfig": "clip",
+                 "ShapeTuningConfig": "shapes"}
 _MODEL_FAMILY = {"etris": "referring", "groupvit": "groupvit"}  # registry family -> training family
 
 

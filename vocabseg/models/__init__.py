@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, cl
 
 def _load_model(name: str, checkpoint: str | Path | None, clip: str | Path | None, device: str | torch.device,
                 trust_jit: bool, dtype: torch.dtype, overrides: dict[str, Any]) -> torch.nn.Module:
-    from ..clip.load import drop_non_weights, read_state_dict
+    from ..clip.load import drop_non_weights, read_patched_state_dict, read_state_dict
     from ..runtime import cast_model
 
     entry = get_entry(name)
@@ -76,11 +77,12 @@ def _load_model(name: str, checkpoint: str | Path | None, clip: str | Path | Non
         if not isinstance(getattr(model, "clip", None), torch.nn.Module):
             raise ConfigError(f"model {name!r} takes no separate CLIP weights (clip=...): its checkpoint holds "
                               f"everything it needs; pass checkpoint=... alone")
-        clip_state = drop_non_weights(read_state_dict(clip, trust_jit=trust_jit))
+        clip_state = drop_non_weights(read_patched_state_dict(clip, trust_jit=trust_jit))
+        where = clip if isinstance(clip, (str, os.PathLike)) else " + ".join(map(str, clip))
         try:
             load_strict(model.clip, clip_state)
         except CheckpointError as e:
-            raise CheckpointError(f"{clip}: {e}") from None
+            raise CheckpointError(f"{where}: {e}") from None
     if bundled:
         checkpoint = entry.weights
     if checkpoint is not None:

@@ -21,6 +21,9 @@ from .san import SAN, SANConfig
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_CLIP_WEIGHTS = WEIGHTS_DIR / "default_clip.safetensors"
 DEFAULT_SAN_WEIGHTS = WEIGHTS_DIR / "default_san.safetensors"
+# v3 (issue #24): what teaching the CLIP shapes changed (conv branch, text tower), as a patch on the shared CLIP
+# file; only the default uses it, the world-trained models keep the CLIP they were trained on.
+DEFAULT_CLIP_SHAPES_PATCH = WEIGHTS_DIR / "default_clip_shapes.safetensors"
 
 # Prompt templates in the phrasing of the world's captions (the tiny CLIP never saw ViLD's "in the scene").
 WORLD_TEMPLATES: tuple[str, ...] = ("a {}", "a photo of a {}", "an image of a {}", "a picture showing a {}")

@@ -27,7 +27,8 @@ class ModelEntry:
     description: str = ""
     weights: Path | None = None  # bundled weights (package data), loaded when no checkpoint is given
     test_only: bool = False  # tiny configs for the test-suite
-    clip_weights: Path | None = None  # bundled CLIP weights loaded before ``weights`` (which then omit CLIP)
+    # bundled CLIP weights loaded before ``weights`` (which then omit CLIP): a file, or a file and weight patches
+    clip_weights: Path | tuple[Path, ...] | None = None
     task: str = "semantic"  # "semantic": predict(image, vocabulary); "referring": refer(image, sentence)
 
 
@@ -36,7 +37,7 @@ DEFAULT_MODEL = "default"
 
 
 def register_model(name: str, family: str, config: Any, description: str = "", weights: Path | None = None,
-                   test_only: bool = False, clip_weights: Path | None = None, task: str = "semantic") -> Callable:
+                   test_only: bool = False, clip_weights: Path | tuple[Path, ...] | None = None, task: str = "semantic") -> Callable:
     """Decorator: register ``builder(config) -> model`` under ``name`` with its default ``config``."""
 
     def wrap(builder: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
