@@ -417,3 +417,14 @@ def test_write_dataset_workers_and_16_bit_labels(tmp_path):
     assert lab.dtype == np.uint16
     ref = WorldDataset(4, seed=1, config=SMALL, scheme=names)[0]["label"]
     assert np.array_equal(lab, ref) and lab.max() < len(names)
+
+
+def test_same_color_scenes_differ_only_by_shape_and_leave_other_data_unchanged():
+    from vocabseg.data.world import WorldConfig, generate_sample, sample_scene
+
+    cfg = WorldConfig(min_size=96, max_size=128, min_objects=2, max_objects=3, same_color_prob=1.0)
+    for seed in range(5):
+        colors = {o.color for o in sample_scene(seed, cfg).objects}
+        assert len(colors) == 1
+    plain, off = WorldConfig(min_size=96, max_size=128), WorldConfig(min_size=96, max_size=128, same_color_prob=0.0)
+    assert (generate_sample(7, plain).image == generate_sample(7, off).image).all()

@@ -184,6 +184,7 @@ class WorldConfig:
     huge_prob: float = 0.0  # chance an object is drawn huge (radius 0.26-0.42 of the short side, up to ~55 % cover)
     hard_edge_prob: float = 0.0  # chance a scene's objects are drawn without anti-aliasing
     jpeg_prob: float = 0.0  # chance a scene is JPEG-compressed (quality 40-95)
+    same_color_prob: float = 0.0  # chance that every object of a scene takes the first one's colour (only shapes differ)
     supersample: int = 3
     captions_per_image: int = 3
     categories: tuple[str, ...] = OBJECT_CATEGORIES
@@ -558,6 +559,9 @@ def sample_scene(seed: int, config: WorldConfig = WorldConfig()) -> SceneSpec:
     objects: list[ObjectSpec] = []
     for _ in range(int(rng.integers(config.min_objects, config.max_objects + 1))):
         objects.append(_sample_object(rng, config, h, w, objects))
+    if config.same_color_prob > 0 and len(objects) > 1 and rng.random() < config.same_color_prob:
+        first = objects[0]
+        objects = [first] + [dataclasses.replace(o, color=first.color, rgb=first.rgb) for o in objects[1:]]
     s = config.lighting_strength
     spec = SceneSpec(
         height=h, width=w, bands=bands, objects=objects,

@@ -196,7 +196,7 @@ class ShapeTuningFamily(Family):
     name = "shapes"
     config_cls = ShapeTuningConfig
     identity_keys = ("seed", "init_clip", "branch_channels", "crop_scenes", "scene_samples", "eval_crop_scenes",
-                     "eval_scene_samples", "crop_min_size", "crop_max_size", "batch_crops", "batch_scenes")
+                     "eval_scene_samples", "crop_min_size", "crop_max_size")
 
     def spec(self) -> RunSpec:
         c = self.config
