@@ -16,12 +16,20 @@ from vocabseg.errors import ConfigError
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
+def _load_shapes_config(path: Path):
+    from vocabseg.engine.config import load_family
+
+    return load_family(path, family="shapes").config
+
+
 def _loader(path: Path):
     name = path.stem
     if name.startswith("etris_"):
         return load_referring_config
     if name.startswith("groupvit_"):
         return load_groupvit_train_config
+    if name.startswith("default_clip_shapes"):  # the "shapes" family (its file says so)
+        return _load_shapes_config
     if name.startswith("default_clip") or name.endswith("_clip"):
         return load_contrastive_config
     return load_config
@@ -54,7 +62,7 @@ def test_number_strings_and_errors(loader, name: str, tmp_path: Path) -> None:
 
 
 FAMILY_OF = {load_referring_config: "referring", load_groupvit_train_config: "groupvit",
-             load_contrastive_config: "clip", load_config: "segmentation"}
+             load_contrastive_config: "clip", load_config: "segmentation", _load_shapes_config: "shapes"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
