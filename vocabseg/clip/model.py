@@ -247,11 +247,15 @@ class ConvBranch(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, 8 * channels] before the projection (what a training head can read)."""
         x = images.to(self.proj.weight.dtype)
         for conv in self.convs:
             x = F.relu(conv(x))
-        return self.proj(torch.cat([x.amax((2, 3)), x.mean((2, 3))], dim=1))
+        return torch.cat([x.amax((2, 3)), x.mean((2, 3))], dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(images))
 
 
 class VisionTransformer(nn.Module):

@@ -76,7 +76,7 @@ class ShapeTuningConfig:
 def _object_and_stuff_crops(sample, size: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """Crops [N, 3, size, size] of a scene's visible objects (>= 30 px) and background regions (>= 10 % of the
     scene), cut as the crop ensemble cuts them; labels (shape, colour, stuff) with -1 where not applicable."""
-    from ..clip.model import OPENAI_MEAN, OPENAI_STD
+    from ..clip.transforms import normalize
     from ..data.world import COLORS, OBJECT_CATEGORIES, STUFF_CLASSES
     from ..models.san import mask_crops
 
@@ -93,9 +93,7 @@ def _object_and_stuff_crops(sample, size: int) -> tuple[torch.Tensor, list[tuple
             labels.append((-1, -1, j))
     if not masks:
         return torch.zeros(0, 3, size, size), []
-    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-    pixels = (torch.from_numpy(sample.image).permute(2, 0, 1)[None].float() / 255 - mean) / std
+    pixels = normalize(sample.image)[None]  # [1, 3, H, W]
     logits = torch.from_numpy(np.stack(masks)).float()[None] * 10 - 5
     crops, _ = mask_crops(pixels, logits, size, fill="surround_mean")
     return crops, labels
@@ -160,11 +158,6 @@ class ShapeTuning(nn.Module):
         self.clip = clip
         self.shape_head = nn.Linear(8 * channels, 10)
 
-    def branch_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images
-        for conv in self.clip.visual.conv_branch.convs:
-            x = F.relu(conv(x))
-        return torch.cat([x.amax((2, 3)), x.mean((2, 3))], dim=1)
 
 
 class _Prompts:
@@ -278,7 +271,7 @@ class ShapeTuningFamily(Family):
             images = images.flip(3)
         clip = model.clip
         text = {k: self._encode(clip, t.to(device)) for k, t in self.tokens.items()}
-        feats = model.branch_features(images)
+        feats = clip.visual.conv_branch.features(images)
         emb = F.normalize(frozen + clip.visual.conv_branch.proj(feats), dim=-1)
         scale = clip.logit_scale.exp().detach()
         t = _targets(labels, p.num_shapes, len(p.train["color_shape"]))
