@@ -112,12 +112,8 @@ def build_pool(cfg: ShapeTuningConfig, clip: nn.Module, log=print) -> dict[str, 
                               hard_edge_prob=0.3, jpeg_prob=0.3, plain_tones=True)
 
     def embed(x: torch.Tensor) -> torch.Tensor:
-        base = clip.visual.conv_branch
-        clip.visual.conv_branch = None  # the frozen ViT's own embedding; the branch is added during training
-        try:
-            return torch.cat([clip.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)])
-        finally:
-            clip.visual.conv_branch = base
+        # the frozen ViT's own embedding: the branch is freshly built here, its zero projection adds exactly 0
+        return torch.cat([clip.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)])
 
     def crops(n: int, stream: int):
         xs, labels = [], []
@@ -235,7 +231,7 @@ class ShapeTuningFamily(Family):
             else:
                 from .checkpoint import atomic_write_bytes
 
-                self.pool = build_pool(c, clip)
+                self.pool = build_pool(c, clip)  # before any step: the branch is still zero
                 buffer = io.BytesIO()
                 torch.save(self.pool, buffer)
                 atomic_write_bytes(pool_path, buffer.getvalue())
