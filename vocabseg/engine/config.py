@@ -52,6 +52,9 @@ class TrainConfig:
     augment: dict[str, Any] = field(default_factory=dict)  # extra arguments of build_train_transform
     num_workers: int = 4  # DataLoader worker processes per training process
     world: dict[str, Any] | None = None  # generate a vocabseg.data.world data set into data_root/val_root first
+    mask_only_classes: list[str] = field(default_factory=list)  # dataset classes whose objects SAN learns to
+    # mask but never to name: left out of the text vocabulary, their label ids become K, K+1, ... (mask-only
+    # targets of the set criterion), ignored in validation
     # -- optimisation ---------------------------------------------------------------------------------------
     batch_size: int = 8  # images per process and micro-step; total = batch_size * processes * grad_accum
     grad_accum: int = 1  # micro-steps per optimizer step

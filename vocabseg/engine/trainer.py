@@ -13,7 +13,7 @@ import os
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from .config import TrainConfig, config_from_dict, config_to_dict, load_config
 from .loop import Family, RunSpec, run_family, seed_everything
 
 __all__ = ["train", "lr_factor", "WarmupPolyLR", "TrainSamples", "collate_samples", "build_optimizer", "prepare_world",
-           "seed_everything", "SegmentationFamily"]
+           "seed_everything", "SegmentationFamily", "mask_only_remap", "RemappedLabels"]
 
 _DEFAULT = object()
 
@@ -195,6 +195,66 @@ def collate_samples(items: list[dict[str, Any]], ignore_index: int = 255, size_d
             "epoch": torch.tensor([it["epoch"] for it in items])}
 
 
+def mask_only_remap(class_names: Sequence[str], mask_only: Sequence[str], ignore_index: int, *,
+                    keep_mask_only: bool = True, where: str = "the dataset") -> tuple[list[str], np.ndarray]:
+    """The taught vocabulary and a label lookup table for ``mask_only_classes``.
+
+    Returns ``(taught, lut)``: ``taught`` is ``class_names`` without the mask-only ones (order kept, K of them) and
+    ``lut[old_id]`` the new id: taught classes ``0..K-1``; mask-only classes ``K, K+1, ...`` in dataset order when
+    ``keep_mask_only`` (training: the set criterion masks them but teaches no class), else ``ignore_index``
+    (validation); ``lut[ignore_index] = ignore_index``. A name not among ``class_names`` is a ConfigError.
+    """
+    names = [str(n) for n in class_names]
+    wanted = list(dict.fromkeys(str(n) for n in mask_only))
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise ConfigError(f"mask_only_classes: {', '.join(repr(n) for n in unknown)} "
+                          f"{'is' if len(unknown) == 1 else 'are'} not a class of {where} "
+                          f"({len(names)} classes, e.g. {', '.join(repr(n) for n in names[:3])}).")
+    hidden = set(wanted)
+    taught = [n for n in names if n not in hidden]
+    if not taught:
+        raise ConfigError(f"mask_only_classes names every class of {where}; leave at least one to teach.")
+    lut = np.full(max(len(names), ignore_index + 1), ignore_index, dtype=np.int64)
+    k = len(taught)
+    extra = 0
+    for old, name in enumerate(names):
+        if name not in hidden:
+            lut[old] = taught.index(name)
+        elif keep_mask_only:
+            lut[old] = k + extra
+            extra += 1
+    if keep_mask_only and k + extra > ignore_index:
+        raise ConfigError(f"mask_only_classes: {k + extra} label ids do not fit below ignore_index {ignore_index}.")
+    return taught, lut
+
+
+class RemappedLabels(Dataset):
+    """A dataset whose labels go through a lookup table (``mask_only_remap``) and whose ``class_names`` are the
+    taught ones; items are otherwise the wrapped dataset's."""
+
+    def __init__(self, dataset: Any, lut: np.ndarray, class_names: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.lut = torch.from_numpy(np.asarray(lut, dtype=np.int64))
+        self.class_names = [str(n) for n in class_names]
+        self.ignore_index = int(getattr(dataset, "ignore_index", 255))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        label = item["label"]
+        if not isinstance(label, torch.Tensor):
+            label = torch.from_numpy(np.ascontiguousarray(label))
+        item["label"] = self.lut[label.long()]
+        return item
+
+
 def _build_dataset(name: str, root: str | None, split: str) -> Any:
     if not root:
         raise ConfigError(f"Dataset {name!r} needs a folder: set data_root (and val_root for another val folder).")
@@ -250,7 +310,7 @@ class SegmentationFamily(Family):
     name = "segmentation"
     config_cls = TrainConfig
     identity_keys = ("model", "model_overrides", "dataset", "train_split", "crop_size", "augment", "world", "seed",
-                     "batch_size", "grad_accum")
+                     "batch_size", "grad_accum", "mask_only_classes")
     supports_ddp = True
 
     def __init__(self, config: TrainConfig, train_dataset: Any = None, val_dataset: Any = None,
@@ -291,6 +351,18 @@ class SegmentationFamily(Family):
             raise DatasetError(f"The training split {cfg.train_split!r} of {cfg.data_root} has no images.")
         self.ignore_index = int(getattr(train_ds, "ignore_index", 255))
         self.transform = _default_transform(cfg, self.ignore_index) if transform is _DEFAULT else transform
+        if cfg.mask_only_classes:
+            # taught vocabulary only; mask-only objects become labels K, K+1, ... (train) or ignore (val)
+            where = f"{cfg.data_root}/classes.txt" if cfg.data_root else "the training dataset"
+            taught, lut = mask_only_remap(train_ds.class_names, cfg.mask_only_classes, self.ignore_index,
+                                          where=where)
+            train_ds = RemappedLabels(train_ds, lut, taught)
+            if val_ds is not None:
+                val_names = [str(n) for n in val_ds.class_names]
+                present = [n for n in cfg.mask_only_classes if n in val_names]
+                val_taught, val_lut = mask_only_remap(val_names, present, int(getattr(val_ds, "ignore_index", 255)),
+                                                      keep_mask_only=False, where="the validation dataset")
+                val_ds = RemappedLabels(val_ds, val_lut, val_taught)
         self.train_ds, self.val_ds = train_ds, val_ds
         self.class_names = [str(n) for n in train_ds.class_names]
         self.world_size = info.world_size
@@ -315,6 +387,9 @@ class SegmentationFamily(Family):
         same = self.val_ds is not None and [str(n) for n in self.val_ds.class_names] == self.class_names
         self.val_text = self.text if same else None
         self.criterion = model.build_criterion(num_classes=len(self.class_names)).to(device)
+        if cfg.mask_only_classes and not getattr(self.criterion, "supports_mask_only", False):
+            raise ConfigError(f"mask_only_classes needs a set-criterion model (SAN); {cfg.model!r} trains with "
+                              f"{type(self.criterion).__name__}, which has no mask-only targets.")
         return model
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

@@ -8,6 +8,11 @@ After Hungarian matching, each image contributes
   only, evaluated at points chosen by uncertainty-based importance sampling and normalised by
   the number of target masks in the whole batch (all-reduced across processes).
 
+A target label ``>= num_classes`` marks a *mask-only* target: an object whose class is not
+taught (``mask_only_classes`` of the training config). The matcher gives it no class cost, the
+query matched to it is left out of ``loss_ce`` (it targets neither a class nor "no object"),
+and its mask counts in ``loss_mask``/``loss_dice`` like any other.
+
 Deep supervision repeats all of it, with its own matching, for every entry of
 ``outputs["aux_outputs"]`` and reports the keys with a ``_i`` suffix.
 """
@@ -27,6 +32,8 @@ from .mask import dense_points, dice_loss, point_sample, sample_points_by_uncert
 from .matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "targets_from_semantic"]
+
+_IGNORE = -100  # F.cross_entropy's default ignore_index: queries matched to mask-only targets
 
 
 
@@ -64,6 +71,7 @@ class SetCriterion(Criterion):
     """
 
     empty_weight: Tensor
+    supports_mask_only = True  # labels >= num_classes are mask-only targets (the trainer's mask_only_classes)
 
     def __init__(
         self,
@@ -98,19 +106,30 @@ class SetCriterion(Criterion):
     def loss_labels(
         self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]], indices: list[tuple[Tensor, Tensor]]
     ) -> dict[str, Tensor]:
-        """Weighted CE over all queries; unmatched queries target the no-object class K."""
+        """Weighted CE over all queries; unmatched queries target the no-object class K.
+
+        Queries matched to mask-only targets (label ``>= K``) are left out (``ignore_index``)."""
         logits: Tensor = outputs["pred_logits"].float()
         if logits.shape[-1] != self.num_classes + 1:
             raise ValueError(
                 f"pred_logits has {logits.shape[-1]} classes, expected num_classes + 1 = {self.num_classes + 1}"
             )
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        mask_only = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
         for b, ((pred_idx, tgt_idx), target) in enumerate(zip(indices, targets)):
             if pred_idx.numel():
                 labels = target["labels"].to(logits.device)
-                target_classes[b, pred_idx.to(logits.device)] = labels[tgt_idx.to(logits.device)]
+                pred_idx = pred_idx.to(logits.device)
+                matched = labels[tgt_idx.to(logits.device)]
+                target_classes[b, pred_idx] = matched
+                mask_only[b, pred_idx] = matched >= self.num_classes
         weight = self.empty_weight.to(logits.device)
-        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight)
+        if mask_only.any():
+            # queries matched to mask-only targets learn no class: neither theirs nor "no object"
+            if bool(mask_only.all()):  # nothing left to classify: a zero that keeps the graph
+                return {"loss_ce": logits.sum() * 0.0}
+            target_classes = target_classes.masked_fill(mask_only, _IGNORE)
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, ignore_index=_IGNORE)
         return {"loss_ce": loss}
 
     def loss_masks(

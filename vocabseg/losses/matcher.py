@@ -10,6 +10,9 @@ reuses it) the assignment minimises, per image,
 
 where the mask terms are evaluated on one set of uniformly random points per image, shared by
 every prediction and target, or on every target pixel when ``num_points`` is ``None``.
+
+A target label ``>= K`` (the logits have K + 1 columns, the last being "no object") is *mask-only*: an object whose
+class is not taught. Its class cost is 0, so only the mask terms decide which query it gets.
 """
 
 from __future__ import annotations
@@ -50,10 +53,20 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
 
     def cost_matrix(self, pred_logits: Tensor, pred_masks: Tensor, labels: Tensor, masks: Tensor) -> Tensor:
-        """Cost ``[Q, N]`` for one image from ``[Q, K+1]`` logits, ``[Q, h, w]`` mask logits and N targets."""
+        """Cost ``[Q, N]`` for one image from ``[Q, K+1]`` logits, ``[Q, h, w]`` mask logits and N targets.
+
+        Columns of mask-only targets (label ``>= K``) have no class term."""
         with torch.autocast(device_type=pred_masks.device.type, enabled=False):
             prob = pred_logits.float().softmax(-1)
-            cost_class = -prob[:, labels.to(prob.device)]
+            labels = labels.to(prob.device)
+            num_classes = prob.shape[-1] - 1
+            mask_only = labels >= num_classes
+            if mask_only.any():
+                # mask-only targets (label >= K): no class cost, only the mask terms below
+                cost_class = -prob[:, labels.clamp(max=num_classes - 1)]
+                cost_class = cost_class.masked_fill(mask_only.unsqueeze(0), 0.0)
+            else:
+                cost_class = -prob[:, labels]
 
             pred = pred_masks.float()
             tgt = masks.to(device=pred.device, dtype=torch.float32)
