@@ -321,3 +321,57 @@ def test_mask_crop_ensemble_moves_a_mask_to_the_crop_class_and_keeps_its_total()
     assert torch.equal(mixed[0, 1], probs[0, 1])  # an empty mask keeps its distribution
     with torch.no_grad():  # weight 0: the mask's own distribution
         assert torch.allclose(mask_crop_ensemble(clip, pixels, probs, logits, text, 0.0), probs, atol=1e-6)
+
+
+def test_split_mask_components_gives_each_connected_piece_its_own_mask():
+    from vocabseg.models.san import split_mask_components
+
+    logits = torch.full((1, 3, 8, 12), -4.0)
+    logits[0, 0, 1:4, 1:4] = 2.0            # mask 0: two blobs, the right one holds the peak
+    logits[0, 0, 4:7, 7:11] = 3.0
+    logits[0, 1, 1:7, 1:3] = 1.0            # mask 1: one U-shaped blob (connected only through its bottom row)
+    logits[0, 1, 5:7, 1:10] = 1.0
+    logits[0, 1, 1:7, 8:10] = 1.0
+    pieces, kept = split_mask_components(logits, parts=2)    # mask 2: no foreground at all
+    assert pieces.shape == (1, 6, 8, 12) and kept.tolist() == [[True, True, True, False, True, False]]
+    first, rest = pieces[0, 0] > 0, pieces[0, 1] > 0
+    assert first[4:7, 7:11].all() and first.sum() == 12      # the peak's blob only
+    assert rest[1:4, 1:4].all() and rest.sum() == 9          # the other blob
+    assert torch.equal(pieces[0, 0, 3, 6], torch.tensor(-4.0))   # its one-cell ring keeps the soft edge
+    assert pieces[0, 0, 0, 0] == -20.0 and pieces[0, 1, 5, 8] == -20.0  # far background / the taken piece
+    assert torch.equal(pieces[0, 2] > 0, logits[0, 1] > 0)   # the U stays one piece (labels spread around it)
+    assert torch.equal(pieces[0, 4], logits[0, 2])           # an empty mask stays whole in its first piece
+    three, kept3 = split_mask_components(logits, parts=3)
+    assert kept3[0, :3].tolist() == [True, True, False]      # two blobs: the third piece is empty
+
+
+def test_split_proposals_name_two_separate_objects_of_one_proposal_apart():
+    from types import SimpleNamespace
+
+    from vocabseg.clip.model import CLIP, CLIPConfig
+    from vocabseg.models.san import SANConfig, mask_crops, refine_proposals, split_mask_components
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
+                           vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=32,
+                           transformer_heads=1, transformer_layers=1)).eval()
+    pixels = torch.randn(1, 3, 64, 128)
+    logits = torch.full((1, 1, 4, 8), -5.0)
+    logits[0, 0, 1:3, 1:3] = 4.0   # left object (the peak)
+    logits[0, 0, 1:3, 5:7] = 3.0   # right object, same proposal
+    pieces, _ = split_mask_components(logits, 2)
+    with torch.no_grad():  # class k = what piece k's crops (flat and outline) show; class 2 = neither
+        emb = sum(F.normalize(clip.encode_image(mask_crops(pixels, pieces, 32, fill=fill)[0]), dim=-1)
+                  for fill in ("mask_mean", "surround_mean"))
+    emb = F.normalize(emb, dim=-1)
+    text = torch.cat([emb, -emb.sum(0, keepdim=True)])
+    probs = torch.tensor([[[0.3, 0.3, 0.2]]])
+    model = SimpleNamespace(clip=clip, config=SANConfig(mask_crop_ensemble=0.7, mask_split_parts=2))
+    with torch.no_grad():
+        split_probs, split_masks = refine_proposals(model, pixels, probs, logits, text)
+        model.config = SANConfig(mask_crop_ensemble=0.7)
+        whole_probs, whole_masks = refine_proposals(model, pixels, probs, logits, text)
+    assert split_probs.shape == (1, 2, 3) and torch.equal(split_masks, pieces)
+    assert split_probs[0, 0].argmax() == 0 and split_probs[0, 1].argmax() == 1
+    assert torch.allclose(split_probs.sum(-1), torch.tensor(0.8))  # each piece keeps the proposal's total
+    assert whole_probs.shape == (1, 1, 3) and torch.equal(whole_masks, logits)

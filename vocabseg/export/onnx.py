@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.san import mask_crop_ensemble
+from ..models.san import refine_proposals
 
 __all__ = [
     "FORMAT_VERSION", "CONFIG_NAME", "IMAGE_FILE", "TEXT_FILE", "DEFAULT_OPSET", "DEFAULT_EXPORTER", "EXPORTERS",
@@ -250,10 +250,7 @@ class SANImageExport(nn.Module):
         classes = model.classifier(text_embeddings)
         logits = model.clip.logit_scale.exp() * emb @ classes.t()
         probs = logits.float().softmax(-1)[..., :-1]
-        if model.config.mask_crop_ensemble > 0:
-            probs = mask_crop_ensemble(model.clip, pixels, probs, masks, text_embeddings,
-                                       model.config.mask_crop_ensemble, model.config.mask_crop_fill)
-        return probs, masks.float()
+        return refine_proposals(model, pixels, probs, masks.float(), text_embeddings)
 
 
 class GenericImageExport(nn.Module):

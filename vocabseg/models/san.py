@@ -63,6 +63,20 @@ class SANConfig:
     # becomes its colour alone), "surround_mean" with the mean of the crop's other pixels (the object's outline on
     # its surroundings, for a CLIP that knows shapes).
     mask_crop_fill: str = "mask_mean"
+    # > 1: before the crop ensemble, split every mask proposal into connected pieces (split_mask_components): its
+    # mask_split_parts - 1 pieces holding the highest logits, and the rest. Each piece is cropped and classified on
+    # its own, so one proposal covering two separate objects (two shapes of one colour) can name them apart. The
+    # pieces keep the proposal's class distribution as their SAN side of the ensemble. Off (1) for official models.
+    mask_split_parts: int = 1
+    # max-pool passes that spread a piece's label over its pixels (a piece wider than this, in mask cells, is cut)
+    mask_split_iterations: int = 128
+    # crop weight of the ensemble for the pieces of a proposal that did split: SAN's class distribution describes
+    # the whole proposal (both objects), so a piece is named mostly by its own crop
+    mask_split_crop_weight: float = 1.0
+    # and its crop distribution takes this share from an outline crop (the piece's shape on its surroundings; a
+    # piece is one object, and its shape is what tells it from its twin; the shape-tuned CLIP learnt shapes on such
+    # crops), the rest from the flat crop (its colour). 0: flat crops only
+    mask_split_outline: float = 0.5
 
 
 CROP_FILLS = ("mask_mean", "surround_mean")
@@ -113,18 +127,100 @@ def mask_crops(pixels: torch.Tensor, mask_logits: torch.Tensor, size: int, conte
     return crops, present
 
 
-def mask_crop_ensemble(clip: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
-                       text_embeddings: torch.Tensor, weight: float, fill: str = "mask_mean") -> torch.Tensor:
-    """Mix each mask's class distribution with CLIP's zero-shot distribution on the mask's crop (:func:`mask_crops`):
-    p ∝ p_mask^(1-weight) · p_crop^weight over the classes, keeping the mask's total (its "no object" share)."""
-    b, q, c = probs.shape
+def crop_log_probs(clip: nn.Module, pixels: torch.Tensor, mask_logits: torch.Tensor, text_embeddings: torch.Tensor,
+                   fill: str = "mask_mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's zero-shot log-distribution over the classes on each mask's crop (:func:`mask_crops`) [B, Q, C], and
+    which masks have any foreground [B, Q]."""
+    b, q = mask_logits.shape[:2]
     crops, present = mask_crops(pixels, mask_logits, clip.visual.input_resolution, fill=fill)
     emb = F.normalize(clip.encode_image(crops.to(pixels.dtype)).float(), dim=-1)
     text = F.normalize(text_embeddings.float(), dim=-1)
-    crop_probs = (clip.logit_scale.exp().float() * emb @ text.t()).softmax(-1).view(b, q, c)
+    return (clip.logit_scale.exp().float() * emb @ text.t()).log_softmax(-1).view(b, q, -1), present
+
+
+def mask_crop_ensemble(clip: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
+                       text_embeddings: torch.Tensor, weight: float | torch.Tensor, fill: str = "mask_mean",
+                       outline: torch.Tensor | None = None, outline_share: float = 0.5) -> torch.Tensor:
+    """Mix each mask's class distribution with CLIP's zero-shot distribution on the mask's crop (:func:`mask_crops`):
+    p ∝ p_mask^(1-weight) · p_crop^weight over the classes, keeping the mask's total (its "no object" share).
+    ``weight``: one number, or one per mask [B, Q, 1]. ``outline`` [B, Q]: masks whose crop distribution also
+    takes, with ``outline_share``, the distribution on an outline crop ("surround_mean": the mask's shape on its
+    surroundings), geometrically."""
+    crop, present = crop_log_probs(clip, pixels, mask_logits, text_embeddings, fill)
+    if outline is not None:
+        shape, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "surround_mean")
+        both = ((1 - outline_share) * crop + outline_share * shape).log_softmax(-1)
+        crop = torch.where(outline.unsqueeze(-1), both, crop)
     total = probs.sum(-1, keepdim=True)
-    mixed = ((1 - weight) * probs.clamp_min(1e-8).log() + weight * crop_probs.clamp_min(1e-8).log()).softmax(-1)
+    mixed = ((1 - weight) * probs.clamp_min(1e-8).log() + weight * crop).softmax(-1)
     return torch.where(present.unsqueeze(-1), mixed * total, probs)
+
+
+def split_mask_components(mask_logits: torch.Tensor, parts: int, iterations: int = 128,
+                          outside: float = -20.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each mask proposal into connected pieces (8-connected foreground, logit > 0).
+
+    mask_logits [B, Q, h, w] -> (pieces [B, Q * parts, h, w], kept [B, Q * parts]). Piece k < parts - 1 of a mask is
+    the connected component holding the mask's highest logit among the pixels not yet taken, with a one-cell ring
+    around it (its soft edge) and ``outside`` elsewhere; the last piece is everything else of the mask (other
+    components and the far background). ``kept`` is False for pieces without foreground, which must not count. A
+    mask without foreground stays whole in its first piece. Tensor operations only (max-pool label propagation, a
+    fixed number of passes under tracing), so it exports to ONNX.
+    """
+    b, q, h, w = mask_logits.shape
+    logits = mask_logits.reshape(b * q, 1, h, w)
+    fg = logits > 0
+    index = torch.arange(1, h * w + 1, device=logits.device, dtype=torch.float32).view(1, 1, h, w)
+    label = torch.where(fg, index, torch.zeros((), device=logits.device))
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    for _ in range(iterations):  # every foreground pixel ends with the largest index of its component
+        grown = torch.where(fg, F.max_pool2d(label, 3, 1, 1), label)
+        if not tracing and torch.equal(grown, label):
+            break
+        label = grown
+    neg = torch.tensor(outside, device=logits.device, dtype=logits.dtype)
+    free = fg
+    taken = torch.zeros_like(fg)
+    pieces, kept = [], []
+    for _ in range(parts - 1):
+        peak = torch.where(free, logits, torch.full_like(logits, -1e9)).flatten(1).argmax(1, keepdim=True)
+        has = free.flatten(1).gather(1, peak)  # [N, 1]
+        component = (label == label.flatten(1).gather(1, peak).view(-1, 1, 1, 1)) & has.view(-1, 1, 1, 1)
+        ring = F.max_pool2d(component.float(), 3, 1, 1) > 0
+        pieces.append(torch.where(ring, logits, neg))
+        kept.append(has.view(-1))
+        free, taken = free & ~component, taken | ring
+    rest = torch.where(taken, neg, logits)
+    pieces.append(rest)
+    kept.append((rest > 0).flatten(1).any(1))
+    whole = ~fg.flatten(1).any(1)  # no foreground at all: the first piece is the mask itself
+    pieces[0] = torch.where(whole.view(-1, 1, 1, 1), logits, pieces[0])
+    kept[0] = kept[0] | whole
+    out = torch.stack(pieces, dim=1).view(b, q * parts, h, w)
+    return out, torch.stack(kept, dim=1).view(b, q * parts)
+
+
+def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
+                     text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default's steps after SAN's own inference, per its config: split proposals into connected pieces, then
+    the crop ensemble. (probs [B, Q, C], mask_logits [B, Q, h, w]) -> the same for the (possibly more) proposals."""
+    cfg = model.config
+    weight: float | torch.Tensor = cfg.mask_crop_ensemble
+    outline = None
+    if cfg.mask_split_parts > 1:
+        parts = cfg.mask_split_parts
+        mask_logits, kept = split_mask_components(mask_logits, parts, cfg.mask_split_iterations)
+        probs = probs.repeat_interleave(parts, dim=1) * kept.unsqueeze(-1).to(probs.dtype)
+        did_split = kept.view(kept.shape[0], -1, parts).sum(-1, keepdim=True) > 1  # [B, Q, 1]
+        split_weight = torch.tensor(cfg.mask_split_crop_weight, device=probs.device)
+        weight = torch.where(did_split, split_weight, torch.tensor(float(weight), device=probs.device))
+        weight = weight.repeat_interleave(parts, dim=1)
+        if cfg.mask_split_outline > 0:
+            outline = did_split.squeeze(-1).repeat_interleave(parts, dim=1)
+    if cfg.mask_crop_ensemble > 0:
+        probs = mask_crop_ensemble(model.clip, pixels, probs, mask_logits, text_embeddings, weight,
+                                   cfg.mask_crop_fill, outline, cfg.mask_split_outline)
+    return probs, mask_logits
 
 
 def build_clip_for(config: SANConfig) -> nn.Module:
@@ -413,10 +509,8 @@ class SAN(OpenVocabModel):
         """Eval forward -> (class probabilities [B, Q, C] without background, mask logits [B, Q, h, w])."""
         out = self.forward(pixels, text_embeddings)
         probs = out["pred_logits"].float().softmax(-1)[..., :-1]
-        if self.config.mask_crop_ensemble > 0:
-            probs = mask_crop_ensemble(self.clip, pixels, probs, out["pred_masks"], text_embeddings,
-                                       self.config.mask_crop_ensemble, self.config.mask_crop_fill)
-        return probs, out["pred_masks"].float()
+        probs, masks = refine_proposals(self, pixels, probs, out["pred_masks"].float(), text_embeddings)
+        return probs, masks
 
     # -- training hooks used by the engine ----------------------------------------------------------------------
     def build_criterion(self, num_classes: int):
