@@ -48,7 +48,10 @@ def default_san_config() -> SANConfig:
         # each mask is also classified by the CLIP on its own crop (v2, docs/default_model.md): the 96-px CLIP
         # recognises a cropped object's colour reliably, a few patches of the whole image much less so. 0.85 scores
         # ~1.5 points more on drawings but 6 less on the world's seen classes (docs/default_model.md)
-        mask_crop_ensemble=0.7)
+        mask_crop_ensemble=0.7,
+        # v4: a proposal covering two separate objects (two shapes of one colour, which SAN's masks merge) is split
+        # into its connected pieces, each named by its own crops, flat and outline (docs/default_model.md)
+        mask_split_parts=2, mask_split_crop_weight=0.85, mask_split_outline=0.5)
 
 
 def default_lit_san_config() -> SANConfig:

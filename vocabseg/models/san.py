@@ -128,14 +128,28 @@ def mask_crops(pixels: torch.Tensor, mask_logits: torch.Tensor, size: int, conte
 
 
 def crop_log_probs(clip: nn.Module, pixels: torch.Tensor, mask_logits: torch.Tensor, text_embeddings: torch.Tensor,
-                   fill: str = "mask_mean") -> tuple[torch.Tensor, torch.Tensor]:
+                   fill: str = "mask_mean", select: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's zero-shot log-distribution over the classes on each mask's crop (:func:`mask_crops`) [B, Q, C], and
-    which masks have any foreground [B, Q]."""
+    which masks have any foreground [B, Q]. ``select`` [B, Q]: the masks whose distribution is needed; in eager
+    mode only those (and only those with foreground) are cropped and encoded, the others' rows are zeros."""
     b, q = mask_logits.shape[:2]
-    crops, present = mask_crops(pixels, mask_logits, clip.visual.input_resolution, fill=fill)
-    emb = F.normalize(clip.encode_image(crops.to(pixels.dtype)).float(), dim=-1)
     text = F.normalize(text_embeddings.float(), dim=-1)
-    return (clip.logit_scale.exp().float() * emb @ text.t()).log_softmax(-1).view(b, q, -1), present
+    scale = clip.logit_scale.exp().float()
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # static shapes: every mask
+        crops, present = mask_crops(pixels, mask_logits, clip.visual.input_resolution, fill=fill)
+        emb = F.normalize(clip.encode_image(crops.to(pixels.dtype)).float(), dim=-1)
+        return (scale * emb @ text.t()).log_softmax(-1).view(b, q, -1), present
+    present = (mask_logits > 0).flatten(2).any(-1)
+    wanted = present if select is None else present & select
+    out = torch.zeros(b, q, text.shape[0], device=mask_logits.device)
+    for i in range(b):
+        idx = wanted[i].nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        crops, _ = mask_crops(pixels[i:i + 1], mask_logits[i:i + 1, idx], clip.visual.input_resolution, fill=fill)
+        emb = F.normalize(clip.encode_image(crops.to(pixels.dtype)).float(), dim=-1)
+        out[i, idx] = (scale * emb @ text.t()).log_softmax(-1)
+    return out, present
 
 
 def mask_crop_ensemble(clip: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
@@ -148,7 +162,7 @@ def mask_crop_ensemble(clip: nn.Module, pixels: torch.Tensor, probs: torch.Tenso
     surroundings), geometrically."""
     crop, present = crop_log_probs(clip, pixels, mask_logits, text_embeddings, fill)
     if outline is not None:
-        shape, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "surround_mean")
+        shape, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "surround_mean", select=outline)
         both = ((1 - outline_share) * crop + outline_share * shape).log_softmax(-1)
         crop = torch.where(outline.unsqueeze(-1), both, crop)
     total = probs.sum(-1, keepdim=True)
