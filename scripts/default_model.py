@@ -145,7 +145,11 @@ def measure_one(model, n_world: int, n_drawings: int, weights_mb: float) -> dict
     }
 
 
-def _number_or_text(value: str) -> float | str:
+def _number_or_text(value: str) -> int | float | str:
+    try:
+        return int(value)
+    except ValueError:
+        pass
     try:
         return float(value)
     except ValueError:

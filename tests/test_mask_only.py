@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_engine import ShapesDataset, _one_thread, _text_cache  # noqa: F401 (autouse fixtures)
+
 from vocabseg.engine import TrainConfig, train
 from vocabseg.engine.distributed import DistInfo
 from vocabseg.engine.trainer import SegmentationFamily, mask_only_remap
@@ -23,19 +25,6 @@ from vocabseg.losses import HungarianMatcher, SetCriterion, targets_from_semanti
 from vocabseg.losses.mask import dense_points, pairwise_bce_cost, pairwise_dice_cost, point_sample
 
 WEIGHTS = {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("VOCABSEG_CACHE", str(tmp_path_factory.getbasetemp() / "text-cache"))
 
 
 def _criterion(k: int, num_points: int | None = None) -> SetCriterion:
@@ -180,7 +169,7 @@ def test_no_mask_only_targets_gives_bit_identical_losses(num_points) -> None:
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
-class _Dataset:
+class _Dataset(ShapesDataset):
     """Sky over grass, a red square (taught) and a pink circle (mask-only) per 48-px image."""
 
     class_names = ["sky", "pink circle", "grass", "sand", "red square"]
@@ -201,13 +190,6 @@ class _Dataset:
             lab[0, 0] = 255
             self.items.append((img, lab))
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        img, lab = self.items[i]
-        return {"image": torch.from_numpy(img).permute(2, 0, 1).contiguous(), "label": torch.from_numpy(lab),
-                "index": i, "name": f"img{i}"}
 
 
 def _config(tmp_path, **kw) -> TrainConfig:

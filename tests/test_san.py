@@ -300,14 +300,20 @@ def test_surround_fill_keeps_the_masks_outline_on_its_surroundings():
         mask_crops(pixels, logits, 32, fill="zeros")
 
 
-def test_mask_crop_ensemble_moves_a_mask_to_the_crop_class_and_keeps_its_total():
+def _tiny_crop_clip():
+    """A randomly initialised CLIP (seed 0) with 32-px crops."""
     from vocabseg.clip.model import CLIP, CLIPConfig
-    from vocabseg.models.san import mask_crop_ensemble, mask_crops
 
     torch.manual_seed(0)
-    clip = CLIP(CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
+    return CLIP(CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
                            vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=32,
                            transformer_heads=1, transformer_layers=1)).eval()
+
+
+def test_mask_crop_ensemble_moves_a_mask_to_the_crop_class_and_keeps_its_total():
+    from vocabseg.models.san import mask_crop_ensemble, mask_crops
+
+    clip = _tiny_crop_clip()
     pixels = torch.randn(1, 3, 64, 64)
     logits = torch.full((1, 2, 4, 4), -5.0)
     logits[0, 0, :2, :2] = 5.0
@@ -348,13 +354,9 @@ def test_split_mask_components_gives_each_connected_piece_its_own_mask():
 def test_split_proposals_name_two_separate_objects_of_one_proposal_apart():
     from types import SimpleNamespace
 
-    from vocabseg.clip.model import CLIP, CLIPConfig
     from vocabseg.models.san import SANConfig, mask_crops, refine_proposals, split_mask_components
 
-    torch.manual_seed(0)
-    clip = CLIP(CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
-                           vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=32,
-                           transformer_heads=1, transformer_layers=1)).eval()
+    clip = _tiny_crop_clip()
     pixels = torch.randn(1, 3, 64, 128)
     logits = torch.full((1, 1, 4, 8), -5.0)
     logits[0, 0, 1:3, 1:3] = 4.0   # left object (the peak)
