@@ -81,6 +81,19 @@ def test_segments_the_plain_drawings_of_issue_24(model):
             assert iou > 70, (record["kind"], name, iou)  # measured: every one >= 84
 
 
+def test_two_shapes_of_one_colour_are_named_apart(model):
+    """v4 (issue #24, item 2): SAN's proposals merge two same-coloured shapes; split into connected pieces, each is
+    named by its own crops. Measured on these 8 pair drawings: 14 of 16 objects >= 50 split, 1 of 16 unsplit."""
+    from vocabseg.data.drawings import same_color_drawings
+    from vocabseg.engine.world_eval import drawing_scores
+
+    pairs = same_color_drawings(8)
+    split = drawing_scores(model, pairs)
+    whole = drawing_scores(vocabseg.load_model(mask_split_parts=1), pairs)
+    assert split["objects_at_least_50"] >= 60
+    assert whole["objects_at_least_50"] <= 30
+
+
 def test_crop_ensemble_is_on_for_the_default_only(model):
     assert model.config.mask_crop_ensemble > 0
     assert vocabseg.models.get_config("san_vit_b_16").mask_crop_ensemble == 0

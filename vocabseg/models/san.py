@@ -70,6 +70,11 @@ class SANConfig:
     mask_split_parts: int = 1
     # max-pool passes that spread a piece's label over its pixels (a piece wider than this, in mask cells, is cut)
     mask_split_iterations: int = 128
+    # a proposal is split only when its other pieces together hold at least this share of its first piece's area
+    # (two objects); specks and holes leave it whole
+    mask_split_min_ratio: float = 0.0
+    # split at most this many proposals per image, those with the largest object share (0: every one)
+    mask_split_max: int = 0
     # crop weight of the ensemble for the pieces of a proposal that did split: SAN's class distribution describes
     # the whole proposal (both objects), so a piece is named mostly by its own crop
     mask_split_crop_weight: float = 1.0
@@ -223,9 +228,22 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
     outline = None
     if cfg.mask_split_parts > 1:
         parts = cfg.mask_split_parts
-        mask_logits, kept = split_mask_components(mask_logits, parts, cfg.mask_split_iterations)
+        b, q, h, w = mask_logits.shape
+        pieces, kept = split_mask_components(mask_logits, parts, cfg.mask_split_iterations)
+        pieces, kept = pieces.view(b, q, parts, h, w), kept.view(b, q, parts)
+        area = (pieces > 0).flatten(3).sum(-1).float()  # [B, Q, parts]
+        others = area[..., 1:].sum(-1, keepdim=True)
+        # a proposal splits when its other pieces hold an object, not specks or a hole: else it stays whole
+        did_split = (others > 0) & (others >= cfg.mask_split_min_ratio * area[..., :1])  # [B, Q, 1]
+        if cfg.mask_split_max > 0:  # only the proposals with the largest object share (each split costs crops)
+            share = torch.where(did_split.squeeze(-1), probs.sum(-1), torch.full_like(probs[..., 0], -1.0))
+            rank = share.argsort(dim=1, descending=True).argsort(dim=1)
+            did_split = did_split & (rank < cfg.mask_split_max).unsqueeze(-1)
+        first_only = torch.arange(parts, device=kept.device) == 0
+        whole = torch.where(first_only.view(parts, 1, 1), mask_logits.unsqueeze(2), torch.tensor(-20.0))
+        mask_logits = torch.where(did_split.unsqueeze(-1).unsqueeze(-1), pieces, whole).view(b, q * parts, h, w)
+        kept = torch.where(did_split, kept, first_only).view(b, q * parts)
         probs = probs.repeat_interleave(parts, dim=1) * kept.unsqueeze(-1).to(probs.dtype)
-        did_split = kept.view(kept.shape[0], -1, parts).sum(-1, keepdim=True) > 1  # [B, Q, 1]
         split_weight = torch.tensor(cfg.mask_split_crop_weight, device=probs.device)
         weight = torch.where(did_split, split_weight, torch.tensor(float(weight), device=probs.device))
         weight = weight.repeat_interleave(parts, dim=1)
