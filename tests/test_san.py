@@ -377,3 +377,31 @@ def test_split_proposals_name_two_separate_objects_of_one_proposal_apart():
     assert split_probs[0, 0].argmax() == 0 and split_probs[0, 1].argmax() == 1
     assert torch.allclose(split_probs.sum(-1), torch.tensor(0.8))  # each piece keeps the proposal's total
     assert whole_probs.shape == (1, 1, 3) and torch.equal(whole_masks, logits)
+
+
+def test_split_limits_keep_small_pieces_and_low_share_proposals_whole():
+    from types import SimpleNamespace
+
+    from vocabseg.models.san import SANConfig, refine_proposals
+
+    logits = torch.full((1, 2, 6, 12), -5.0)
+    logits[0, :, 1:5, 1:5] = 4.0    # both proposals: a 16-cell object ...
+    logits[0, 0, 2:4, 8:10] = 3.0   # ... and a 4-cell one (proposal 0)
+    logits[0, 1, 2, 8] = 3.0        # ... or a 1-cell speck (proposal 1)
+    probs = torch.tensor([[[0.5, 0.3], [0.2, 0.1]]])
+    text = torch.eye(2, 16)
+
+    def run(**kw):
+        model = SimpleNamespace(clip=_tiny_crop_clip(), config=SANConfig(mask_crop_ensemble=0.0, mask_split_parts=2,
+                                                                         **kw))
+        with torch.no_grad():
+            return refine_proposals(model, torch.randn(1, 3, 48, 96), probs, logits, text)
+
+    out_probs, masks = run()
+    assert masks.shape == (1, 4, 6, 12) and (out_probs.sum(-1) > 0).tolist() == [[True, True, True, True]]
+    out_probs, masks = run(mask_split_min_ratio=0.2)   # the speck (1/16 of the object) does not split proposal 1
+    assert (out_probs.sum(-1) > 0).tolist() == [[True, True, True, False]]
+    assert torch.equal(masks[0, 2], logits[0, 1]) and (masks[0, 3] <= 0).all()
+    out_probs, masks = run(mask_split_max=1)           # only the proposal with the larger object share splits
+    assert (out_probs.sum(-1) > 0).tolist() == [[True, True, True, False]]
+    assert torch.equal(out_probs[0, 2], probs[0, 1]) and torch.equal(masks[0, 2], logits[0, 1])
