@@ -236,13 +236,19 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
         # a proposal splits when its other pieces hold an object, not specks or a hole: else it stays whole
         did_split = (others > 0) & (others >= cfg.mask_split_min_ratio * area[..., :1])  # [B, Q, 1]
         if cfg.mask_split_max > 0:  # only the proposals with the largest object share (each split costs crops)
-            share = torch.where(did_split.squeeze(-1), probs.sum(-1), torch.full_like(probs[..., 0], -1.0))
-            rank = share.argsort(dim=1, descending=True).argsort(dim=1)
+            # rank = proposals ahead: a larger share (rounded to 0.001, so that float rounding cannot reorder
+            # near-equal ones), or the same and a lower index; torch and onnxruntime choose alike, unlike a sort
+            share = torch.round(probs.sum(-1) * 1000)
+            share = torch.where(did_split.squeeze(-1), share, torch.full_like(share, -1.0))
+            order = torch.arange(q, device=share.device)
+            ahead = (share.unsqueeze(1) > share.unsqueeze(2)) | ((share.unsqueeze(1) == share.unsqueeze(2))
+                                                                  & (order.view(1, q) < order.view(q, 1)))
+            rank = ahead.sum(-1)  # [B, Q]
             did_split = did_split & (rank < cfg.mask_split_max).unsqueeze(-1)
         first_only = torch.arange(parts, device=kept.device) == 0
         whole = torch.where(first_only.view(parts, 1, 1), mask_logits.unsqueeze(2), torch.tensor(-20.0))
         mask_logits = torch.where(did_split.unsqueeze(-1).unsqueeze(-1), pieces, whole).view(b, q * parts, h, w)
-        kept = torch.where(did_split, kept, first_only).view(b, q * parts)
+        kept = ((did_split & kept) | (~did_split & first_only)).view(b, q * parts)  # (no bool Where in onnxruntime)
         probs = probs.repeat_interleave(parts, dim=1) * kept.unsqueeze(-1).to(probs.dtype)
         split_weight = torch.tensor(cfg.mask_split_crop_weight, device=probs.device)
         weight = torch.where(did_split, split_weight, torch.tensor(float(weight), device=probs.device))
