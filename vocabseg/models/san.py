@@ -219,6 +219,26 @@ def split_mask_components(mask_logits: torch.Tensor, parts: int, iterations: int
     return out, torch.stack(kept, dim=1).view(b, q * parts)
 
 
+def _proposals_to_split(pieces: torch.Tensor, probs: torch.Tensor, cfg: SANConfig) -> torch.Tensor:
+    """Which proposals split [B, Q, 1], from their pieces [B, Q, parts, h, w] and class probabilities [B, Q, C]:
+    those whose other pieces hold an object (``mask_split_min_ratio`` of the first piece's area, not specks or a
+    hole), at most ``mask_split_max`` of them, by object share."""
+    q = pieces.shape[1]
+    area = (pieces > 0).flatten(3).sum(-1).float()  # [B, Q, parts]
+    others = area[..., 1:].sum(-1, keepdim=True)
+    did_split = (others > 0) & (others >= cfg.mask_split_min_ratio * area[..., :1])
+    if cfg.mask_split_max > 0:  # each split costs crops
+        # rank = proposals ahead: a larger share (rounded to 0.001, so that float rounding cannot reorder near-equal
+        # ones), or the same and a lower index; torch and onnxruntime choose alike, unlike a sort
+        share = torch.round(probs.sum(-1) * 1000)
+        share = torch.where(did_split.squeeze(-1), share, torch.full_like(share, -1.0))
+        order = torch.arange(q, device=share.device)
+        ahead = (share.unsqueeze(1) > share.unsqueeze(2)) | ((share.unsqueeze(1) == share.unsqueeze(2))
+                                                              & (order.view(1, q) < order.view(q, 1)))
+        did_split = did_split & (ahead.sum(-1) < cfg.mask_split_max).unsqueeze(-1)
+    return did_split
+
+
 def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
                      text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The default's steps after SAN's own inference, per its config: split proposals into connected pieces, then
@@ -231,20 +251,7 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
         b, q, h, w = mask_logits.shape
         pieces, kept = split_mask_components(mask_logits, parts, cfg.mask_split_iterations)
         pieces, kept = pieces.view(b, q, parts, h, w), kept.view(b, q, parts)
-        area = (pieces > 0).flatten(3).sum(-1).float()  # [B, Q, parts]
-        others = area[..., 1:].sum(-1, keepdim=True)
-        # a proposal splits when its other pieces hold an object, not specks or a hole: else it stays whole
-        did_split = (others > 0) & (others >= cfg.mask_split_min_ratio * area[..., :1])  # [B, Q, 1]
-        if cfg.mask_split_max > 0:  # only the proposals with the largest object share (each split costs crops)
-            # rank = proposals ahead: a larger share (rounded to 0.001, so that float rounding cannot reorder
-            # near-equal ones), or the same and a lower index; torch and onnxruntime choose alike, unlike a sort
-            share = torch.round(probs.sum(-1) * 1000)
-            share = torch.where(did_split.squeeze(-1), share, torch.full_like(share, -1.0))
-            order = torch.arange(q, device=share.device)
-            ahead = (share.unsqueeze(1) > share.unsqueeze(2)) | ((share.unsqueeze(1) == share.unsqueeze(2))
-                                                                  & (order.view(1, q) < order.view(q, 1)))
-            rank = ahead.sum(-1)  # [B, Q]
-            did_split = did_split & (rank < cfg.mask_split_max).unsqueeze(-1)
+        did_split = _proposals_to_split(pieces, probs, cfg)  # [B, Q, 1]
         first_only = torch.arange(parts, device=kept.device) == 0
         whole = torch.where(first_only.view(parts, 1, 1), mask_logits.unsqueeze(2), torch.tensor(-20.0))
         mask_logits = torch.where(did_split.unsqueeze(-1).unsqueeze(-1), pieces, whole).view(b, q * parts, h, w)
