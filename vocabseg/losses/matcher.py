@@ -60,13 +60,9 @@ class HungarianMatcher(nn.Module):
             prob = pred_logits.float().softmax(-1)
             labels = labels.to(prob.device)
             num_classes = prob.shape[-1] - 1
-            mask_only = labels >= num_classes
-            if mask_only.any():
-                # mask-only targets (label >= K): no class cost, only the mask terms below
-                cost_class = -prob[:, labels.clamp(max=num_classes - 1)]
-                cost_class = cost_class.masked_fill(mask_only.unsqueeze(0), 0.0)
-            else:
-                cost_class = -prob[:, labels]
+            # mask-only targets (label >= K): no class cost, only the mask terms below
+            cost_class = -prob[:, labels.clamp(max=num_classes - 1)]
+            cost_class = cost_class.masked_fill((labels >= num_classes).unsqueeze(0), 0.0)
 
             pred = pred_masks.float()
             tgt = masks.to(device=pred.device, dtype=torch.float32)
