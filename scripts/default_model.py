@@ -164,14 +164,17 @@ def measure(candidates: list[str], n_world: int, n_drawings: int, out: Path | No
     results = {}
     for spec in candidates:
         name, _, files = spec.partition("=")
-        if files:
-            clip_file, san_file, *options = files.split(",")
-            overrides = {k: _number_or_text(v) for k, v in (o.split(":") for o in options)}  # e.g. mask_crop_ensemble:0
+        fields = files.split(",")
+        shipped_with = fields[0] == "shipped"  # NAME=shipped,FIELD:VALUE...: the bundled weights, other settings
+        options = fields[1:] if shipped_with else fields[2:]
+        overrides = {k: _number_or_text(v) for k, v in (o.split(":") for o in options)}  # e.g. mask_crop_ensemble:0
+        if files and not shipped_with:
+            clip_file, san_file = fields[:2]
             model = vocabseg.load_model("default", checkpoint=san_file, clip=clip_file, **overrides)
             # what `ship` writes: every tensor once (CLIP file + SAN's own tensors), fp16
             mb = sum(v.numel() * 2 for v in model.state_dict().values()) / 2 ** 20
         else:
-            model = vocabseg.load_model()
+            model = vocabseg.load_model("default", **overrides)
             files = [DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS, DEFAULT_CLIP_SHAPES_PATCH]
             mb = sum(f.stat().st_size for f in files if f.exists()) / 2 ** 20
         t0 = time.time()
@@ -259,8 +262,8 @@ def main() -> None:
     e.add_argument("--out", type=Path, default=ROOT / "docs" / "default_model_results.json")
     m = sub.add_parser("measure")
     m.add_argument("--candidate", action="append", default=[],
-                   help="NAME=CLIP_FILE,SAN_FILE[,FIELD:VALUE...] (repeatable; FIELD a SANConfig number such "
-                        "as mask_crop_ensemble); without any: the shipped weights")
+                   help="NAME=CLIP_FILE,SAN_FILE[,FIELD:VALUE...] or NAME=shipped[,FIELD:VALUE...] (repeatable; "
+                        "FIELD a SANConfig number such as mask_crop_ensemble); without any: the shipped weights")
     m.add_argument("-n", type=int, default=150, help="held-out world scenes")
     m.add_argument("--drawings", type=int, default=60, help="random out-of-generator drawings")
     m.add_argument("--out", type=Path, default=None, help="also write every figure as JSON here")

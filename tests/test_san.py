@@ -300,6 +300,22 @@ def test_surround_fill_keeps_the_masks_outline_on_its_surroundings():
         mask_crops(pixels, logits, 32, fill="zeros")
 
 
+def test_no_object_bias_lowers_the_no_object_share_and_keeps_the_class_ratios():
+    from vocabseg.models.san import SANConfig, object_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 4)  # 3 classes + "no object"
+    plain = object_probs(logits, SANConfig())
+    assert torch.allclose(plain, logits.softmax(-1)[..., :-1])
+    biased = object_probs(logits, SANConfig(no_object_bias=3.0))
+    assert (biased.sum(-1) > plain.sum(-1)).all()             # every proposal keeps more of its mass
+    assert torch.allclose(biased / biased.sum(-1, keepdim=True), plain / plain.sum(-1, keepdim=True), atol=1e-6)
+    # the same as a no-object logit 3 lower
+    lowered = logits.clone()
+    lowered[..., -1] -= 3.0
+    assert torch.allclose(biased, lowered.softmax(-1)[..., :-1])
+
+
 def _tiny_crop_clip():
     """A randomly initialised CLIP (seed 0) with 32-px crops."""
     from vocabseg.clip.model import CLIP, CLIPConfig
@@ -327,6 +343,28 @@ def test_mask_crop_ensemble_moves_a_mask_to_the_crop_class_and_keeps_its_total()
     assert torch.equal(mixed[0, 1], probs[0, 1])  # an empty mask keeps its distribution
     with torch.no_grad():  # weight 0: the mask's own distribution
         assert torch.allclose(mask_crop_ensemble(clip, pixels, probs, logits, text, 0.0), probs, atol=1e-6)
+
+
+def test_neutral_crop_share_names_a_mask_by_its_own_shape_on_neutral_grey():
+    """A flat crop of the mask is one colour; the neutral crop keeps the mask's own pixels on zeros (the
+    normalisation's mean colour). With share 1 the ensemble follows the neutral crop alone."""
+    from vocabseg.models.san import mask_crop_ensemble, mask_crops
+
+    pixels = torch.randn(1, 3, 64, 64)
+    logits = torch.full((1, 1, 4, 4), -5.0)
+    logits[0, 0, 1:3, 1:3] = 5.0
+    crops, _ = mask_crops(pixels, logits, 32, fill="neutral")
+    # the crop's centre is the mask's (its own pixels), its corner outside (zeros)
+    assert crops[0, :, 16, 16].abs().sum() > 0 and torch.equal(crops[0, :, 0, 0], torch.zeros(3))
+    clip = _tiny_crop_clip()
+    with torch.no_grad():
+        flat = F.normalize(clip.encode_image(mask_crops(pixels, logits, 32)[0]), dim=-1)
+        neutral = F.normalize(clip.encode_image(crops), dim=-1)
+        text = torch.cat([flat, neutral])  # class 0: what the flat crop shows, class 1: the neutral one
+        probs = torch.tensor([[[0.45, 0.45]]])
+        assert mask_crop_ensemble(clip, pixels, probs, logits, text, 1.0)[0, 0].argmax() == 0
+        both = mask_crop_ensemble(clip, pixels, probs, logits, text, 1.0, neutral_share=1.0)
+    assert both[0, 0].argmax() == 1 and torch.isclose(both[0, 0].sum(), torch.tensor(0.9))
 
 
 def test_split_mask_components_gives_each_connected_piece_its_own_mask():

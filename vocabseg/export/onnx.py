@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.san import refine_proposals
+from ..models.san import object_probs, refine_proposals
 
 __all__ = [
     "FORMAT_VERSION", "CONFIG_NAME", "IMAGE_FILE", "TEXT_FILE", "DEFAULT_OPSET", "DEFAULT_EXPORTER", "EXPORTERS",
@@ -249,8 +249,7 @@ class SANImageExport(nn.Module):
         emb = F.normalize(vis.head(x[:, :q]), dim=-1)
         classes = model.classifier(text_embeddings)
         logits = model.clip.logit_scale.exp() * emb @ classes.t()
-        probs = logits.float().softmax(-1)[..., :-1]
-        return refine_proposals(model, pixels, probs, masks.float(), text_embeddings)
+        return refine_proposals(model, pixels, object_probs(logits, model.config), masks.float(), text_embeddings)
 
 
 class GenericImageExport(nn.Module):

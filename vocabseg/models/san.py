@@ -63,6 +63,10 @@ class SANConfig:
     # becomes its colour alone), "surround_mean" with the mean of the crop's other pixels (the object's outline on
     # its surroundings, for a CLIP that knows shapes).
     mask_crop_fill: str = "mask_mean"
+    # > 0: the crop's class distribution takes this share (geometrically) from a second crop whose outside is
+    # "neutral" (the normalisation's mean colour): the mask's own colours in its own shape. A flat crop of a blue
+    # hexagon on sky is blue, so "sky"; the neutral one shows a blue hexagon. Flat crops keep the colours right
+    mask_crop_neutral_share: float = 0.0
     # > 1: before the crop ensemble, split every mask proposal into connected pieces (split_mask_components): its
     # mask_split_parts - 1 pieces holding the highest logits, and the rest. Each piece is cropped and classified on
     # its own, so one proposal covering two separate objects (two shapes of one colour) can name them apart. The
@@ -82,9 +86,12 @@ class SANConfig:
     # piece is one object, and its shape is what tells it from its twin; the shape-tuned CLIP learnt shapes on such
     # crops), the rest from the flat crop (its colour). 0: flat crops only
     mask_split_outline: float = 0.5
+    # subtracted from the "no object" logit at inference: a proposal SAN recognises but doubts (an object of a colour
+    # it was never taught to name: trained as nothing until v4) keeps more of its mass. 0 for the official models
+    no_object_bias: float = 0.0
 
 
-CROP_FILLS = ("mask_mean", "surround_mean")
+CROP_FILLS = ("mask_mean", "surround_mean", "neutral")
 
 
 def mask_crops(pixels: torch.Tensor, mask_logits: torch.Tensor, size: int, context: float = 0.15,
@@ -95,7 +102,8 @@ def mask_crops(pixels: torch.Tensor, mask_logits: torch.Tensor, size: int, conte
     outside the mask take one flat colour, and ``present`` [B, Q] (masks with any foreground; the others' crops are
     meaningless). ``fill="mask_mean"``: the mask's mean colour (a crop shows one object's colour, or one background
     with the objects on it painted over); ``"surround_mean"``: the mean of the crop's pixels outside the mask (the
-    mask's outline stays visible).
+    mask's outline stays visible); ``"neutral"``: zero, the normalisation's mean colour (the mask's own pixels in
+    its own shape).
     Written with tensor operations only (bilinear sampling on a computed grid), so it traces into ONNX.
     """
     b, q, h, w = mask_logits.shape
@@ -125,6 +133,8 @@ def mask_crops(pixels: torch.Tensor, mask_logits: torch.Tensor, size: int, conte
                            padding_mode="border", align_corners=False) > 0
     if fill not in CROP_FILLS:
         raise ValueError(f"unknown crop fill {fill!r}; use one of {CROP_FILLS}")
+    if fill == "neutral":
+        return torch.where(inside, crops, torch.zeros((), device=crops.device)), present
     painted = inside if fill == "mask_mean" else ~inside
     count = painted.sum((2, 3)).clamp_min(1)
     mean = (crops * painted).sum((2, 3)) / count
@@ -159,13 +169,17 @@ def crop_log_probs(clip: nn.Module, pixels: torch.Tensor, mask_logits: torch.Ten
 
 def mask_crop_ensemble(clip: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
                        text_embeddings: torch.Tensor, weight: float | torch.Tensor, fill: str = "mask_mean",
-                       outline: torch.Tensor | None = None, outline_share: float = 0.5) -> torch.Tensor:
+                       outline: torch.Tensor | None = None, outline_share: float = 0.5,
+                       neutral_share: float = 0.0) -> torch.Tensor:
     """Mix each mask's class distribution with CLIP's zero-shot distribution on the mask's crop (:func:`mask_crops`):
     p ∝ p_mask^(1-weight) · p_crop^weight over the classes, keeping the mask's total (its "no object" share).
     ``weight``: one number, or one per mask [B, Q, 1]. ``outline`` [B, Q]: masks whose crop distribution also
     takes, with ``outline_share``, the distribution on an outline crop ("surround_mean": the mask's shape on its
-    surroundings), geometrically."""
+    surroundings), geometrically; every mask's takes ``neutral_share`` from a "neutral" crop first."""
     crop, present = crop_log_probs(clip, pixels, mask_logits, text_embeddings, fill)
+    if neutral_share > 0:
+        neutral, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "neutral")
+        crop = ((1 - neutral_share) * crop + neutral_share * neutral).log_softmax(-1)
     if outline is not None:
         shape, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "surround_mean", select=outline)
         both = ((1 - outline_share) * crop + outline_share * shape).log_softmax(-1)
@@ -239,6 +253,17 @@ def _proposals_to_split(pieces: torch.Tensor, probs: torch.Tensor, cfg: SANConfi
     return did_split
 
 
+def object_probs(logits: torch.Tensor, cfg: SANConfig) -> torch.Tensor:
+    """Class logits [B, Q, C + 1] (the last "no object") -> class probabilities [B, Q, C], the no-object logit
+    lowered by ``cfg.no_object_bias`` first."""
+    logits = logits.float()
+    if cfg.no_object_bias:
+        bias = torch.zeros(logits.shape[-1], device=logits.device)
+        bias[-1] = cfg.no_object_bias
+        logits = logits - bias
+    return logits.softmax(-1)[..., :-1]
+
+
 def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
                      text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The default's steps after SAN's own inference, per its config: split proposals into connected pieces, then
@@ -264,7 +289,7 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
             outline = did_split.squeeze(-1).repeat_interleave(parts, dim=1)
     if cfg.mask_crop_ensemble > 0:
         probs = mask_crop_ensemble(model.clip, pixels, probs, mask_logits, text_embeddings, weight,
-                                   cfg.mask_crop_fill, outline, cfg.mask_split_outline)
+                                   cfg.mask_crop_fill, outline, cfg.mask_split_outline, cfg.mask_crop_neutral_share)
     return probs, mask_logits
 
 
@@ -553,7 +578,7 @@ class SAN(OpenVocabModel):
     def infer(self, pixels: torch.Tensor, text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval forward -> (class probabilities [B, Q, C] without background, mask logits [B, Q, h, w])."""
         out = self.forward(pixels, text_embeddings)
-        probs = out["pred_logits"].float().softmax(-1)[..., :-1]
+        probs = object_probs(out["pred_logits"], self.config)
         probs, masks = refine_proposals(self, pixels, probs, out["pred_masks"].float(), text_embeddings)
         return probs, masks
 
