@@ -100,6 +100,35 @@ def test_ce_leaves_out_queries_matched_to_mask_only_targets_hand_computed() -> N
     assert losses["loss_dice"].item() == as_class["loss_dice"].item()
 
 
+def test_objectness_term_teaches_mask_only_queries_to_be_objects_hand_computed() -> None:
+    k = 2
+    target = {"labels": torch.tensor([1, k]), "masks": torch.zeros(2, 4, 4, dtype=torch.bool)}
+    target["masks"][0, :, :2] = True
+    target["masks"][1, :, 2:] = True
+    pred = torch.full((1, 3, 4, 4), -10.0)
+    pred[0, 0, :, :2] = 10.0  # query 0 -> target 0 (class 1)
+    pred[0, 1, :, 2:] = 10.0  # query 1 -> target 1 (mask-only)
+    pred[0, 2, :2] = 10.0  # query 2 matches nothing
+    rows = [[0.2, 1.0, -0.3], [0.5, -0.2, 0.1], [-1.0, 0.3, 0.8]]
+    logits = torch.tensor([rows], requires_grad=True)
+    crit = _criterion(k)
+    crit.mask_only_objectness = 0.5
+    losses = crit({"pred_logits": logits, "pred_masks": pred}, [target])
+    p_object = sum(math.exp(v) for v in rows[1][:k]) / sum(math.exp(v) for v in rows[1])
+    expected = (1.0 * _ce(rows[0], 1) + 0.5 * -math.log(p_object) + 0.1 * _ce(rows[2], 2)) / (1.0 + 0.5 + 0.1)
+    assert losses["loss_ce"].item() == pytest.approx(expected, abs=1e-6)
+    losses["loss_ce"].backward()
+    g = logits.grad[0, 1]
+    # the mask-only query is pushed away from "no object" and towards both classes alike (in proportion to p)
+    assert g[-1] > 0 and g[0] < 0 and g[1] < 0
+    p = torch.tensor(rows[1]).softmax(-1)
+    assert (g[0] / g[1]).item() == pytest.approx((p[0] / p[1]).item(), rel=1e-5)
+    # weight 0: the plain mask-only CE (query 1 left out)
+    crit.mask_only_objectness = 0.0
+    plain = crit({"pred_logits": logits, "pred_masks": pred}, [target])["loss_ce"].item()
+    assert plain == pytest.approx((1.0 * _ce(rows[0], 1) + 0.1 * _ce(rows[2], 2)) / 1.1, abs=1e-6)
+
+
 def test_ce_of_all_mask_only_queries_is_zero_with_gradient() -> None:
     k = 2
     target = {"labels": torch.tensor([k, k + 1]), "masks": torch.zeros(2, 4, 4, dtype=torch.bool)}
@@ -234,6 +263,23 @@ def test_unknown_mask_only_class_is_a_one_line_config_error(tmp_path) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="every class"):
         mask_only_remap(["a", "b"], ["a", "b"], 255)
+
+
+def test_mask_only_objectness_reaches_the_criterion_and_needs_mask_only_classes(tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # randomly initialised CLIP
+        family = SegmentationFamily(_config(tmp_path, mask_only_objectness=0.5), train_dataset=_Dataset(),
+                                    transform=None)
+        family.prepare(DistInfo())
+        family.build_model(torch.device("cpu"))
+        assert family.criterion.mask_only_objectness == 0.5
+        alone = SegmentationFamily(_config(tmp_path, mask_only_classes=[], mask_only_objectness=0.5),
+                                   train_dataset=_Dataset(), transform=None)
+        alone.prepare(DistInfo())
+        with pytest.raises(ConfigError, match="mask_only_objectness needs mask_only_classes"):
+            alone.build_model(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="mask_only_objectness must be 0 or more"):
+        TrainConfig(mask_only_objectness=-1.0).validate()
 
 
 def test_training_with_mask_only_classes_runs_and_evaluates_taught_classes(tmp_path) -> None:

@@ -55,6 +55,8 @@ class TrainConfig:
     mask_only_classes: list[str] = field(default_factory=list)  # dataset classes whose objects SAN learns to
     # mask but never to name: left out of the text vocabulary, their label ids become K, K+1, ... (mask-only
     # targets of the set criterion), ignored in validation
+    mask_only_objectness: float = 0.0  # > 0: queries matched to mask-only targets also learn "an object" (weight of
+    # -log(1 - p_no-object) in the class loss), no class favoured
     # -- optimisation ---------------------------------------------------------------------------------------
     batch_size: int = 8  # images per process and micro-step; total = batch_size * processes * grad_accum
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -92,7 +94,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        non_negative = ("num_workers", "warmup_iters", "checkpoint_every", "keep_checkpoints", "eval_every", "seed")
+        non_negative = ("num_workers", "warmup_iters", "checkpoint_every", "keep_checkpoints", "eval_every", "seed",
+                        "mask_only_objectness")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}.")

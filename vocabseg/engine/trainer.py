@@ -390,6 +390,10 @@ class SegmentationFamily(Family):
         if cfg.mask_only_classes and not getattr(self.criterion, "supports_mask_only", False):
             raise ConfigError(f"mask_only_classes needs a set-criterion model (SAN); {cfg.model!r} trains with "
                               f"{type(self.criterion).__name__}, which has no mask-only targets.")
+        if cfg.mask_only_objectness:
+            if not cfg.mask_only_classes:
+                raise ConfigError("mask_only_objectness needs mask_only_classes (the objects it applies to).")
+            self.criterion.mask_only_objectness = float(cfg.mask_only_objectness)
         return model
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

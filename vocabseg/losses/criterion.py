@@ -11,7 +11,9 @@ After Hungarian matching, each image contributes
 A target label ``>= num_classes`` marks a *mask-only* target: an object whose class is not
 taught (``mask_only_classes`` of the training config). The matcher gives it no class cost, the
 query matched to it is left out of ``loss_ce`` (it targets neither a class nor "no object"),
-and its mask counts in ``loss_mask``/``loss_dice`` like any other.
+and its mask counts in ``loss_mask``/``loss_dice`` like any other. With ``mask_only_objectness`` = a > 0 that query
+also learns that it *is* an object, whatever its class: its term in ``loss_ce`` is −log(1 − p_no-object) with
+weight a (no class is favoured; a model that was taught "no object" for such objects unlearns it).
 
 Deep supervision repeats all of it, with its own matching, for every entry of
 ``outputs["aux_outputs"]`` and reports the keys with a ``_i`` suffix.
@@ -83,6 +85,7 @@ class SetCriterion(Criterion):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         losses: Sequence[str] = ("labels", "masks"),
+        mask_only_objectness: float = 0.0,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -98,6 +101,7 @@ class SetCriterion(Criterion):
         self.oversample_ratio = float(oversample_ratio)
         self.importance_sample_ratio = float(importance_sample_ratio)
         self.losses = tuple(losses)
+        self.mask_only_objectness = float(mask_only_objectness)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = self.no_object_weight
         self.register_buffer("empty_weight", empty_weight)
@@ -108,7 +112,8 @@ class SetCriterion(Criterion):
     ) -> dict[str, Tensor]:
         """Weighted CE over all queries; unmatched queries target the no-object class K.
 
-        Queries matched to mask-only targets (label ``>= K``) are left out (``ignore_index``)."""
+        Queries matched to mask-only targets (label ``>= K``) are left out (``ignore_index``), or, with
+        ``mask_only_objectness`` a > 0, take −log(1 − p_no-object) with weight a in the same weighted mean."""
         logits: Tensor = outputs["pred_logits"].float()
         if logits.shape[-1] != self.num_classes + 1:
             raise ValueError(
@@ -125,12 +130,26 @@ class SetCriterion(Criterion):
                 mask_only[b, pred_idx] = matched >= self.num_classes
         weight = self.empty_weight.to(logits.device)
         if mask_only.any():
+            if self.mask_only_objectness > 0:
+                return {"loss_ce": self._ce_with_objectness(logits, target_classes, mask_only, weight)}
             # queries matched to mask-only targets learn no class: neither theirs nor "no object"
             if bool(mask_only.all()):  # nothing left to classify: a zero that keeps the graph
                 return {"loss_ce": logits.sum() * 0.0}
             target_classes = target_classes.masked_fill(mask_only, _IGNORE)
         loss = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, ignore_index=_IGNORE)
         return {"loss_ce": loss}
+
+    def _ce_with_objectness(self, logits: Tensor, target_classes: Tensor, mask_only: Tensor, weight: Tensor) -> Tensor:
+        """The weighted CE mean with the mask-only queries' term −log(1 − p_no-object) (weight
+        ``mask_only_objectness``) instead of a class's."""
+        log_probs = logits.log_softmax(-1)
+        classes = target_classes.clamp_max(self.num_classes)  # mask-only ids >= K: their row is replaced below
+        ce = -log_probs.gather(-1, classes.unsqueeze(-1)).squeeze(-1)
+        w = weight[classes]
+        log_object = torch.log1p(-log_probs[..., -1].exp().clamp_max(1 - 1e-6))  # log(1 - p_no-object)
+        ce = torch.where(mask_only, -log_object, ce)
+        w = torch.where(mask_only, torch.full_like(w, self.mask_only_objectness), w)
+        return (w * ce).sum() / w.sum()
 
     def loss_masks(
         self,
