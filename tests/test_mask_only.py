@@ -74,9 +74,10 @@ def test_matcher_assigns_mask_only_target_by_mask_even_against_class_scores() ->
 # ---------------------------------------------------------------------------------------------------- criterion
 
 
-def test_ce_leaves_out_queries_matched_to_mask_only_targets_hand_computed() -> None:
+def _taught_and_mask_only_case() -> tuple[int, dict, torch.Tensor, list[list[float]]]:
+    """K = 2; target 0: taught class 1 (left half), target 1: mask-only (label K, right half); queries 0 and 1
+    match them by mask, query 2 matches nothing; class logits ``rows`` (K + 1 columns)."""
     k = 2
-    # target 0: taught class 1 (left half), target 1: mask-only (label K, right half)
     target = {"labels": torch.tensor([1, k]), "masks": torch.zeros(2, 4, 4, dtype=torch.bool)}
     target["masks"][0, :, :2] = True
     target["masks"][1, :, 2:] = True
@@ -84,7 +85,11 @@ def test_ce_leaves_out_queries_matched_to_mask_only_targets_hand_computed() -> N
     pred[0, 0, :, :2] = 10.0  # query 0 -> target 0
     pred[0, 1, :, 2:] = 10.0  # query 1 -> target 1 (mask-only)
     pred[0, 2, :2] = 10.0  # query 2 matches nothing
-    rows = [[0.2, 1.0, -0.3], [0.5, -0.2, 0.1], [-1.0, 0.3, 0.8]]
+    return k, target, pred, [[0.2, 1.0, -0.3], [0.5, -0.2, 0.1], [-1.0, 0.3, 0.8]]
+
+
+def test_ce_leaves_out_queries_matched_to_mask_only_targets_hand_computed() -> None:
+    k, target, pred, rows = _taught_and_mask_only_case()
     logits = torch.tensor([rows])
     crit = _criterion(k)
     (pi, ti), = crit.matcher({"pred_logits": logits, "pred_masks": pred}, [target])
@@ -101,15 +106,7 @@ def test_ce_leaves_out_queries_matched_to_mask_only_targets_hand_computed() -> N
 
 
 def test_objectness_term_teaches_mask_only_queries_to_be_objects_hand_computed() -> None:
-    k = 2
-    target = {"labels": torch.tensor([1, k]), "masks": torch.zeros(2, 4, 4, dtype=torch.bool)}
-    target["masks"][0, :, :2] = True
-    target["masks"][1, :, 2:] = True
-    pred = torch.full((1, 3, 4, 4), -10.0)
-    pred[0, 0, :, :2] = 10.0  # query 0 -> target 0 (class 1)
-    pred[0, 1, :, 2:] = 10.0  # query 1 -> target 1 (mask-only)
-    pred[0, 2, :2] = 10.0  # query 2 matches nothing
-    rows = [[0.2, 1.0, -0.3], [0.5, -0.2, 0.1], [-1.0, 0.3, 0.8]]
+    k, target, pred, rows = _taught_and_mask_only_case()
     logits = torch.tensor([rows], requires_grad=True)
     crit = _criterion(k)
     crit.mask_only_objectness = 0.5
