@@ -428,3 +428,35 @@ def test_same_color_scenes_differ_only_by_shape_and_leave_other_data_unchanged()
         assert len(colors) == 1
     plain, off = WorldConfig(min_size=96, max_size=128), WorldConfig(min_size=96, max_size=128, same_color_prob=0.0)
     assert (generate_sample(7, plain).image == generate_sample(7, off).image).all()
+
+
+def test_ground_colored_objects_take_a_lookalike_of_the_stuff_under_them():
+    from vocabseg.data.world import GROUND_LOOKALIKES, WorldConfig, generate_sample, sample_scene
+
+    cfg = WorldConfig(min_size=96, max_size=128, min_objects=2, max_objects=4, ground_color_prob=1.0)
+    checked = 0
+    for seed in range(30):
+        spec = sample_scene(seed, cfg)
+        sample = generate_sample(seed, cfg)
+        for obj, record in zip(spec.objects, sample.objects):
+            assert record.color == obj.color
+            row = min(int(obj.center[1]), spec.height - 1)
+            ground = spec.bands[0].name if len(spec.bands) == 1 else None
+            if ground is not None:  # one band: the stuff under every object is known exactly
+                assert obj.color in GROUND_LOOKALIKES[ground], (seed, ground, obj.color, row)
+                checked += 1
+    assert checked > 10
+    # colours the config does not allow are never introduced
+    only_red = WorldConfig(min_size=96, max_size=128, colors=("red",), ground_color_prob=1.0)
+    assert {o.color for s in range(10) for o in sample_scene(s, only_red).objects} <= {"red"}
+    plain, off = WorldConfig(min_size=96, max_size=128), WorldConfig(min_size=96, max_size=128, ground_color_prob=0.0)
+    assert (generate_sample(7, plain).image == generate_sample(7, off).image).all()
+
+
+def test_world_probabilities_are_checked():
+    from vocabseg.data.world import WorldConfig
+    from vocabseg.errors import ConfigError
+
+    for name in ("same_color_prob", "ground_color_prob"):
+        with pytest.raises(ConfigError, match=name):
+            WorldConfig(**{name: 1.5})

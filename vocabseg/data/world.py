@@ -42,7 +42,7 @@ from vocabseg.errors import ConfigError, DatasetError, VocabularyError
 
 __all__ = [
     "STUFF_CLASSES", "OBJECT_CATEGORIES", "COLORS", "TEXTURES", "SIZES", "SIZE_RANGES", "COLOR_RGB",
-    "CATEGORY_MAP_NAMES", "IGNORE_INDEX", "CATEGORY_SYNONYMS", "PLURALS", "STUFF_SYNONYMS",
+    "GROUND_LOOKALIKES", "CATEGORY_MAP_NAMES", "IGNORE_INDEX", "CATEGORY_SYNONYMS", "PLURALS", "STUFF_SYNONYMS",
     "COLOR_SYNONYMS", "TEXTURE_SYNONYMS", "SIZE_SYNONYMS", "GENERIC_OBJECT_WORDS", "COUNT_WORDS",
     "WorldConfig", "ObjectSpec", "StuffBand", "SceneSpec", "ObjectRecord", "StuffRecord",
     "WorldSample", "Mention", "NameQuery", "WorldVocabulary", "generate_sample", "sample_scene",
@@ -73,6 +73,12 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35), "green": (40, 165, 55), "blue": (35, 75, 220), "yellow": (245, 215, 35),
     "orange": (250, 135, 20), "purple": (125, 45, 170), "pink": (250, 140, 195),
     "white": (245, 245, 245), "black": (22, 22, 22), "brown": (120, 70, 30),
+}
+#: Object colours that are hard to tell from each stuff class (low-contrast scenes: a white ring on grey paper, a
+#: yellow triangle on sand, a black crescent on a road).
+GROUND_LOOKALIKES: dict[str, tuple[str, ...]] = {
+    "sky": ("blue", "white"), "grass": ("green",), "water": ("blue",), "sand": ("yellow", "orange", "brown"),
+    "wall": ("brown", "red", "orange"), "road": ("black",), "background": ("white",),
 }
 #: Names of the indices stored in ``WorldSample.category_map`` (independent of the config).
 CATEGORY_MAP_NAMES: tuple[str, ...] = STUFF_CLASSES + OBJECT_CATEGORIES
@@ -185,6 +191,7 @@ class WorldConfig:
     hard_edge_prob: float = 0.0  # chance a scene's objects are drawn without anti-aliasing
     jpeg_prob: float = 0.0  # chance a scene is JPEG-compressed (quality 40-95)
     same_color_prob: float = 0.0  # chance that every object of a scene takes the first one's colour (only shapes differ)
+    ground_color_prob: float = 0.0  # chance an object takes a colour close to the stuff under it (GROUND_LOOKALIKES)
     supersample: int = 3
     captions_per_image: int = 3
     categories: tuple[str, ...] = OBJECT_CATEGORIES
@@ -222,7 +229,7 @@ class WorldConfig:
         if self.max_stuff_regions < 1 or self.captions_per_image < 0:
             raise ConfigError("WorldConfig needs max_stuff_regions >= 1 and captions_per_image >= 0.")
         for name in ("square_prob", "texture_prob", "blur_prob", "noise_prob", "plain_prob", "huge_prob",
-                     "hard_edge_prob", "jpeg_prob"):
+                     "hard_edge_prob", "jpeg_prob", "same_color_prob", "ground_color_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"WorldConfig.{name} must be a probability in [0, 1].")
 
@@ -546,6 +553,22 @@ def _sample_object(rng: np.random.Generator, config: WorldConfig, h: int, w: int
         shape_param=float(shape_param))
 
 
+def _ground_colored(rng: np.random.Generator, config: WorldConfig, obj: ObjectSpec, bands: list[StuffBand],
+                    height: int) -> ObjectSpec:
+    """``obj`` recoloured with a colour close to the band under its centre (kept when none is allowed)."""
+    row = obj.center[1] / height
+    ground = [b for b in bands if b is bands[0] or b.top <= row][-1].name
+    options = [c for c in GROUND_LOOKALIKES[ground] if c in config.colors]
+    if not options:
+        return obj
+    color = _pick(rng, options)
+    jitter = rng.uniform(-config.color_jitter, config.color_jitter, 3)
+    rgb = tuple(float(v) for v in np.clip(np.array(COLOR_RGB[color]) + jitter, 0, 255))
+    if obj.texture_color == color:  # a texture in the object's own colour would not show
+        return dataclasses.replace(obj, color=color, rgb=rgb, texture=None, texture_color=None, texture_rgb=None)
+    return dataclasses.replace(obj, color=color, rgb=rgb)
+
+
 def sample_scene(seed: int, config: WorldConfig = WorldConfig()) -> SceneSpec:
     """Draw a random scene description; deterministic in ``(seed, config)``."""
     rng = np.random.default_rng(seed)
@@ -559,6 +582,9 @@ def sample_scene(seed: int, config: WorldConfig = WorldConfig()) -> SceneSpec:
     objects: list[ObjectSpec] = []
     for _ in range(int(rng.integers(config.min_objects, config.max_objects + 1))):
         objects.append(_sample_object(rng, config, h, w, objects))
+    if config.ground_color_prob > 0:
+        objects = [_ground_colored(rng, config, o, bands, h) if rng.random() < config.ground_color_prob else o
+                   for o in objects]
     if config.same_color_prob > 0 and len(objects) > 1 and rng.random() < config.same_color_prob:
         first = objects[0]
         objects = [first] + [dataclasses.replace(o, color=first.color, rgb=first.rgb) for o in objects[1:]]
