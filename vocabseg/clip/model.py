@@ -330,10 +330,13 @@ class VisionTransformer(nn.Module):
         b, _, c = tokens.shape
         return tokens[:, 1:].transpose(1, 2).reshape(b, c, grid[0], grid[1])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def vit_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The transformer's own pooled embedding [B, D] (without the conv branch)."""
         x, _ = self.embed(images)
-        x = self.run_blocks(x)
-        out = self.head(x[:, 0])
+        return self.head(self.run_blocks(x)[:, 0])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.vit_embedding(images)
         return out if self.conv_branch is None else out + self.conv_branch(images).to(out.dtype)
 
 

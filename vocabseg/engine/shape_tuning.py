@@ -51,6 +51,13 @@ class ShapeTuningConfig:
     eval_scene_samples: int = 300
     crop_min_size: int = 192  # sizes of the scenes whose regions are cropped (the default segments at about this)
     crop_max_size: int = 320
+    # how regions are cropped: each region once per fill (mask_crops' fills; the default's ensemble uses all three),
+    # its mask first pooled to 1/crop_mask_stride of the scene (SAN's proposals are that coarse; 1: exact)
+    crop_fills: tuple[str, ...] = ("surround_mean",)
+    crop_mask_stride: int = 1
+    crop_world: Optional[dict] = None  # WorldConfig overrides for the cropped scenes (e.g. ground_color_prob)
+    # False: only the conv branch learns; the text tower (and so every text embedding a SAN was trained on) stays
+    train_text: bool = True
     # optimisation
     max_iters: int = 2000
     stop_after: Optional[int] = None
@@ -72,10 +79,23 @@ class ShapeTuningConfig:
     resume: Union[bool, str] = "auto"
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+        from ..models.san import CROP_FILLS
 
-def _object_and_stuff_crops(sample, size: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        self.crop_fills = tuple(self.crop_fills)
+        unknown = [f for f in self.crop_fills if f not in CROP_FILLS]
+        if unknown or not self.crop_fills:
+            raise ConfigError(f"crop_fills {list(self.crop_fills)}: give one or more of {list(CROP_FILLS)}.")
+        if self.crop_mask_stride < 1:
+            raise ConfigError(f"crop_mask_stride must be >= 1, got {self.crop_mask_stride}.")
+
+
+def _object_and_stuff_crops(sample, size: int, fills: tuple[str, ...] = ("surround_mean",),
+                            mask_stride: int = 1) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """Crops [N, 3, size, size] of a scene's visible objects (>= 30 px) and background regions (>= 10 % of the
-    scene), cut as the crop ensemble cuts them; labels (shape, colour, stuff) with -1 where not applicable."""
+    scene), cut as the crop ensemble cuts them (once per fill, from masks pooled by ``mask_stride``); labels
+    (shape, colour, stuff) with -1 where not applicable."""
     from ..clip.transforms import normalize
     from ..data.world import COLORS, OBJECT_CATEGORIES, STUFF_CLASSES
     from ..models.san import mask_crops
@@ -94,9 +114,12 @@ def _object_and_stuff_crops(sample, size: int) -> tuple[torch.Tensor, list[tuple
     if not masks:
         return torch.zeros(0, 3, size, size), []
     pixels = normalize(sample.image)[None]  # [1, 3, H, W]
-    logits = torch.from_numpy(np.stack(masks)).float()[None] * 10 - 5
-    crops, _ = mask_crops(pixels, logits, size, fill="surround_mean")
-    return crops, labels
+    cover = torch.from_numpy(np.stack(masks)).float()[None]
+    if mask_stride > 1:
+        cover = F.avg_pool2d(cover, mask_stride, ceil_mode=True)
+    logits = cover * 10 - 5
+    crops = torch.cat([mask_crops(pixels, logits, size, fill=fill)[0] for fill in fills])
+    return crops, labels * len(fills)
 
 
 @torch.no_grad()
@@ -106,19 +129,20 @@ def build_pool(cfg: ShapeTuningConfig, clip: nn.Module, log=print) -> dict[str, 
     from .contrastive import to_clip_tensor
 
     size = clip.visual.input_resolution
-    crop_world = WorldConfig(min_size=cfg.crop_min_size, max_size=cfg.crop_max_size, max_objects=3, huge_prob=0.1, hard_edge_prob=0.3,
-                             jpeg_prob=0.3, plain_tones=True, plain_prob=0.3)
+    crop_world = WorldConfig(**{"max_objects": 3, "huge_prob": 0.1, "hard_edge_prob": 0.3, "jpeg_prob": 0.3,
+                                "plain_tones": True, "plain_prob": 0.3, **(cfg.crop_world or {}),
+                                "min_size": cfg.crop_min_size, "max_size": cfg.crop_max_size})
     scene_world = WorldConfig(min_size=96, max_size=160, max_objects=1, min_objects=1, huge_prob=0.1,
                               hard_edge_prob=0.3, jpeg_prob=0.3, plain_tones=True)
 
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        # the frozen ViT's own embedding: the branch is freshly built here, its zero projection adds exactly 0
-        return torch.cat([clip.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)])
+    def embed(x: torch.Tensor) -> torch.Tensor:  # the frozen ViT's own embedding (the branch is added in training)
+        return torch.cat([clip.visual.vit_embedding(x[i:i + 256]) for i in range(0, len(x), 256)])
 
     def crops(n: int, stream: int):
         xs, labels = [], []
         for i in range(n):
-            x, lab = _object_and_stuff_crops(generate_sample(sample_seed(cfg.seed * 100 + stream, i), crop_world), size)
+            x, lab = _object_and_stuff_crops(generate_sample(sample_seed(cfg.seed * 100 + stream, i), crop_world),
+                                             size, tuple(cfg.crop_fills), cfg.crop_mask_stride)
             xs.append(x)
             labels += lab
         x = torch.cat(xs)
@@ -185,7 +209,8 @@ class ShapeTuningFamily(Family):
     name = "shapes"
     config_cls = ShapeTuningConfig
     identity_keys = ("seed", "init_clip", "branch_channels", "crop_scenes", "scene_samples", "eval_crop_scenes",
-                     "eval_scene_samples", "crop_min_size", "crop_max_size")
+                     "eval_scene_samples", "crop_min_size", "crop_max_size", "crop_fills", "crop_mask_stride",
+                     "crop_world", "train_text")
 
     def spec(self) -> RunSpec:
         c = self.config
@@ -196,7 +221,8 @@ class ShapeTuningFamily(Family):
 
     def describe(self, info, start: int) -> str:
         c = self.config
-        return (f"teaching the CLIP shapes (conv branch {c.branch_channels}, text tower): batch {c.batch_crops} crops "
+        text = ", text tower" if c.train_text else ", text tower frozen"
+        return (f"teaching the CLIP shapes (conv branch {c.branch_channels}{text}): batch {c.batch_crops} crops "
                 f"+ {c.batch_scenes} scenes, steps {start}..{self.spec().last_step} of {c.max_iters}")
 
     def _init_path(self) -> Path:
@@ -212,11 +238,11 @@ class ShapeTuningFamily(Family):
         c = self.config
         base = load(self._init_path())
         clip = CLIP(CLIPConfig.from_dict({**base.config.to_dict(), "vision_conv_branch": c.branch_channels}))
-        clip.load_state_dict(base.state_dict(), strict=False)  # the branch starts at zero: the same CLIP
+        clip.load_state_dict(base.state_dict(), strict=False)  # a new branch starts at zero: the same CLIP
         for p in clip.parameters():
             p.requires_grad_(False)
         self.text_params = [clip.token_embedding.weight, clip.positional_embedding, clip.text_projection,
-                            *clip.transformer.parameters(), *clip.ln_final.parameters()]
+                            *clip.transformer.parameters(), *clip.ln_final.parameters()] if c.train_text else []
         for p in [*self.text_params, *clip.visual.conv_branch.parameters()]:
             p.requires_grad_(True)
         model = ShapeTuning(clip, c.branch_channels).to(device)
@@ -240,8 +266,10 @@ class ShapeTuningFamily(Family):
     def optimizer(self, model) -> torch.optim.Optimizer:
         c = self.config
         image = [*model.clip.visual.conv_branch.parameters(), *model.shape_head.parameters()]
-        return torch.optim.AdamW([{"params": image, "lr": c.lr, "weight_decay": c.weight_decay},
-                                  {"params": self.text_params, "lr": c.text_lr, "weight_decay": 0.0}])
+        groups = [{"params": image, "lr": c.lr, "weight_decay": c.weight_decay}]
+        if self.text_params:
+            groups.append({"params": self.text_params, "lr": c.text_lr, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups)
 
     def lr_factor(self, step: int) -> float:
         from .contrastive import cosine_factor
@@ -266,7 +294,8 @@ class ShapeTuningFamily(Family):
         if step % 2:
             images = images.flip(3)
         clip = model.clip
-        text = {k: self._encode(clip, t.to(device)) for k, t in self.tokens.items()}
+        with torch.set_grad_enabled(c.train_text):
+            text = {k: self._encode(clip, t.to(device)) for k, t in self.tokens.items()}
         feats = clip.visual.conv_branch.features(images)
         emb = F.normalize(frozen + clip.visual.conv_branch.proj(feats), dim=-1)
         scale = clip.logit_scale.exp().detach()
@@ -278,16 +307,17 @@ class ShapeTuningFamily(Family):
             terms[k] = F.cross_entropy(scale * emb[ok] @ text[k].t(), t[k][ok]) if ok.any() else emb.sum() * 0
         obj = t["shape"] >= 0
         terms["shape_head"] = F.cross_entropy(model.shape_head(feats[obj]), t["shape"][obj])
-        off = ~torch.eye(p.num_shapes, dtype=torch.bool, device=emb.device)
-        shapes = text["shape"]
-        per_color = text["color_shape"].view(p.num_colors, p.num_shapes, -1)
-        terms["apart"] = (F.relu(shapes @ shapes.t() - 0.6)[off].mean()
-                          + F.relu(per_color @ per_color.transpose(1, 2) - 0.8)[:, off].mean())
-        kept = self._encode(clip, self.keep_tokens.to(device))
-        terms["keep"] = (1 - (kept * self.keep_reference.to(device)).sum(-1)).mean()
         total = (terms["joint"] + terms["shape"] + terms["color"] + terms["stuff"]
-                 + c.shape_head_weight * terms["shape_head"] + c.apart_weight * terms["apart"]
-                 + c.keep_weight * terms["keep"])
+                 + c.shape_head_weight * terms["shape_head"])
+        if c.train_text:  # the text tower's own terms: shapes apart, prompts without shape words kept
+            off = ~torch.eye(p.num_shapes, dtype=torch.bool, device=emb.device)
+            shapes = text["shape"]
+            per_color = text["color_shape"].view(p.num_colors, p.num_shapes, -1)
+            terms["apart"] = (F.relu(shapes @ shapes.t() - 0.6)[off].mean()
+                              + F.relu(per_color @ per_color.transpose(1, 2) - 0.8)[:, off].mean())
+            kept = self._encode(clip, self.keep_tokens.to(device))
+            terms["keep"] = (1 - (kept * self.keep_reference.to(device)).sum(-1)).mean()
+            total = total + c.apart_weight * terms["apart"] + c.keep_weight * terms["keep"]
         return {"total_loss": total, **{f"{k}_loss": v.detach() for k, v in terms.items()}}
 
     def has_eval(self) -> bool:
