@@ -367,30 +367,6 @@ def test_neutral_crop_share_names_a_mask_by_its_own_shape_on_neutral_grey():
     assert both[0, 0].argmax() == 1 and torch.isclose(both[0, 0].sum(), torch.tensor(0.9))
 
 
-def test_crop_min_share_skips_proposals_that_barely_count_and_keeps_the_others_exact():
-    """A proposal whose object share is under ``min_share`` keeps SAN's distribution (and is not cropped in eager
-    mode); the others get exactly what the ensemble gives without the threshold."""
-    from unittest import mock
-
-    import vocabseg.models.san as san_module
-    from vocabseg.models.san import mask_crop_ensemble
-
-    pixels = torch.randn(1, 3, 64, 64)
-    logits = torch.full((1, 2, 4, 4), -5.0)
-    logits[0, 0, 1:3, 1:3] = 5.0
-    logits[0, 1, 0:2, 2:4] = 5.0
-    clip = _tiny_crop_clip()
-    text = F.normalize(torch.randn(3, 16), dim=-1)
-    probs = torch.tensor([[[0.5, 0.3, 0.1], [0.01, 0.02, 0.01]]])  # object shares 0.9 and 0.04
-    with torch.no_grad():
-        every = mask_crop_ensemble(clip, pixels, probs, logits, text, 0.7, neutral_share=0.3)
-        with mock.patch.object(san_module, "mask_crops", wraps=san_module.mask_crops) as cropped:
-            some = mask_crop_ensemble(clip, pixels, probs, logits, text, 0.7, neutral_share=0.3, min_share=0.1)
-    assert torch.allclose(some[0, 0], every[0, 0]) and not torch.allclose(every[0, 0], probs[0, 0])
-    assert torch.equal(some[0, 1], probs[0, 1])
-    assert all(call.args[1].shape[1] == 1 for call in cropped.call_args_list)  # only the counted proposal
-
-
 def test_split_mask_components_gives_each_connected_piece_its_own_mask():
     from vocabseg.models.san import split_mask_components
 

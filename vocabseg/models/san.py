@@ -67,9 +67,6 @@ class SANConfig:
     # "neutral" (the normalisation's mean colour): the mask's own colours in its own shape. A flat crop of a blue
     # hexagon on sky is blue, so "sky"; the neutral one shows a blue hexagon. Flat crops keep the colours right
     mask_crop_neutral_share: float = 0.0
-    # only proposals whose object share (1 - p_no-object) is at least this are cropped: the others barely count in
-    # the per-pixel sum, and every crop is a CLIP pass (0: every proposal with foreground)
-    mask_crop_min_share: float = 0.0
     # > 1: before the crop ensemble, split every mask proposal into connected pieces (split_mask_components): its
     # mask_split_parts - 1 pieces holding the highest logits, and the rest. Each piece is cropped and classified on
     # its own, so one proposal covering two separate objects (two shapes of one colour) can name them apart. The
@@ -173,25 +170,23 @@ def crop_log_probs(clip: nn.Module, pixels: torch.Tensor, mask_logits: torch.Ten
 def mask_crop_ensemble(clip: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
                        text_embeddings: torch.Tensor, weight: float | torch.Tensor, fill: str = "mask_mean",
                        outline: torch.Tensor | None = None, outline_share: float = 0.5,
-                       neutral_share: float = 0.0, min_share: float = 0.0) -> torch.Tensor:
+                       neutral_share: float = 0.0) -> torch.Tensor:
     """Mix each mask's class distribution with CLIP's zero-shot distribution on the mask's crop (:func:`mask_crops`):
     p ∝ p_mask^(1-weight) · p_crop^weight over the classes, keeping the mask's total (its "no object" share).
     ``weight``: one number, or one per mask [B, Q, 1]. ``outline`` [B, Q]: masks whose crop distribution also
     takes, with ``outline_share``, the distribution on an outline crop ("surround_mean": the mask's shape on its
-    surroundings), geometrically; every mask's takes ``neutral_share`` from a "neutral" crop first. Masks whose
-    total is below ``min_share`` keep their distribution (and are not cropped outside ONNX export)."""
-    total = probs.sum(-1, keepdim=True)
-    select = total.squeeze(-1) >= min_share
-    crop, present = crop_log_probs(clip, pixels, mask_logits, text_embeddings, fill, select=select)
+    surroundings), geometrically; every mask's takes ``neutral_share`` from a "neutral" crop first."""
+    crop, present = crop_log_probs(clip, pixels, mask_logits, text_embeddings, fill)
     if neutral_share > 0:
-        neutral, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "neutral", select=select)
+        neutral, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "neutral")
         crop = ((1 - neutral_share) * crop + neutral_share * neutral).log_softmax(-1)
     if outline is not None:
-        shape, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "surround_mean", select=outline & select)
+        shape, _ = crop_log_probs(clip, pixels, mask_logits, text_embeddings, "surround_mean", select=outline)
         both = ((1 - outline_share) * crop + outline_share * shape).log_softmax(-1)
         crop = torch.where(outline.unsqueeze(-1), both, crop)
+    total = probs.sum(-1, keepdim=True)
     mixed = ((1 - weight) * probs.clamp_min(1e-8).log() + weight * crop).softmax(-1)
-    return torch.where((present & select).unsqueeze(-1), mixed * total, probs)
+    return torch.where(present.unsqueeze(-1), mixed * total, probs)
 
 
 def split_mask_components(mask_logits: torch.Tensor, parts: int, iterations: int = 128,
@@ -294,8 +289,7 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
             outline = did_split.squeeze(-1).repeat_interleave(parts, dim=1)
     if cfg.mask_crop_ensemble > 0:
         probs = mask_crop_ensemble(model.clip, pixels, probs, mask_logits, text_embeddings, weight,
-                                   cfg.mask_crop_fill, outline, cfg.mask_split_outline, cfg.mask_crop_neutral_share,
-                                   cfg.mask_crop_min_share)
+                                   cfg.mask_crop_fill, outline, cfg.mask_split_outline, cfg.mask_crop_neutral_share)
     return probs, mask_logits
 
 
