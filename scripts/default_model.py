@@ -32,11 +32,13 @@ from vocabseg.engine.world_eval import (EVAL_SEED, SEEN, UNSEEN, chance_scores, 
 SEEN, UNSEEN = list(SEEN), list(UNSEEN)
 
 
-def ship(clip_run: Path | None, san_run: Path, shape_run: Path | None = None) -> None:
+def ship(clip_run: Path | None, san_run: Path, shape_run: Path | None = None, san_positions: bool = True) -> None:
     """Write fp16 safetensors: the CLIP in OpenAI layout, and SAN without the CLIP tensors it shares.
     ``clip_run`` None keeps the shipped CLIP (a SAN fine-tuned on it, as v2 is). ``shape_run``: a run of
     configs/default_clip_shapes.yaml, whose CLIP is written as a patch on the shipped CLIP (what only the default
-    uses: conv branch, text tower), so the world-trained models keep the CLIP they were trained on."""
+    uses: conv branch, text tower), so the world-trained models keep the CLIP they were trained on.
+    ``san_positions``: ship the CLIP positional embedding the SAN run tuned (up to v5); False keeps the CLIP's own
+    (v6: its conv branch was tuned on crops embedded with it)."""
     from safetensors.torch import load_file, save_file
 
     from vocabseg.clip import load as load_clip
@@ -53,7 +55,7 @@ def ship(clip_run: Path | None, san_run: Path, shape_run: Path | None = None) ->
         print(f"{DEFAULT_CLIP_SHAPES_PATCH.relative_to(ROOT)}: {DEFAULT_CLIP_SHAPES_PATCH.stat().st_size / 2**20:.1f} MB")
     full = load_file(str(san_run / "model_final.safetensors"))
     keep = {k: v.half().contiguous() for k, v in full.items()
-            if not k.startswith("clip.") or k == "clip.visual.positional_embedding"}
+            if not k.startswith("clip.") or (san_positions and k == "clip.visual.positional_embedding")}
     save_file(keep, str(DEFAULT_SAN_WEIGHTS), metadata={"format": "vocabseg-san", "model": "default"})
     for p in (DEFAULT_CLIP_WEIGHTS, DEFAULT_SAN_WEIGHTS):
         print(f"{p.relative_to(ROOT)}: {p.stat().st_size / 2**20:.1f} MB")
@@ -256,6 +258,8 @@ def main() -> None:
     s.add_argument("--san-run", type=Path, default=ROOT / "runs" / "default_san")
     s.add_argument("--keep-clip", action="store_true", help="keep the shipped CLIP (v2 fine-tunes SAN only)")
     s.add_argument("--shape-run", type=Path, default=None, help="a shape-tuning run: its CLIP shipped as a patch")
+    s.add_argument("--clip-positions", action="store_true",
+                   help="keep the CLIP's own positional embedding, not the one the SAN run tuned")
     e = sub.add_parser("evaluate")
     e.add_argument("-n", type=int, default=200)
     e.add_argument("--closed-run", type=Path, default=ROOT / "runs" / "default_san_closed")
@@ -274,7 +278,7 @@ def main() -> None:
         if args.doc:
             _replace_block(ROOT / "docs" / "default_model.md", "measure", measure_tables(results))
     elif args.cmd == "ship":
-        ship(None if args.keep_clip else args.clip_run, args.san_run, args.shape_run)
+        ship(None if args.keep_clip else args.clip_run, args.san_run, args.shape_run, not args.clip_positions)
     else:
         report = evaluate(args.n, args.out, args.closed_run)
         _replace_block(ROOT / "docs" / "default_model.md", "results", results_table(report))

@@ -23,7 +23,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_CLIP_WEIGHTS = WEIGHTS_DIR / "default_clip.safetensors"
 DEFAULT_SAN_WEIGHTS = WEIGHTS_DIR / "default_san.safetensors"
 # v3 (issue #24): what teaching the CLIP shapes changed (conv branch, text tower), as a patch on the shared CLIP
-# file; only the default uses it, the world-trained models keep the CLIP they were trained on.
+# file; only the default uses it, the world-trained models keep the CLIP they were trained on. v6: the branch tuned
+# further on crops cut as the ensemble cuts them (configs/default_clip_crops.yaml; the text tower unchanged).
 DEFAULT_CLIP_SHAPES_PATCH = WEIGHTS_DIR / "default_clip_shapes.safetensors"
 
 # Prompt templates in the phrasing of the world's captions (the tiny CLIP never saw ViLD's "in the scene").
@@ -56,11 +57,12 @@ def default_san_config() -> SANConfig:
         # the largest object share are split (every split costs crops: 0.87 s instead of 1.3-1.6 s per 512² world
         # scene, the same drawings' figures; docs/default_model.md)
         mask_split_parts=2, mask_split_crop_weight=0.85, mask_split_outline=0.5, mask_split_max=12,
-        # v5: SAN's "no object" logit lowered by 4 (objects of colours it never learned to name were trained as
-        # nothing until v4, and their proposals' object share stayed ~0.01-0.3), and every crop's distribution takes
-        # 0.3 from a neutral crop (the mask's own pixels in its shape on grey: a blue hexagon on sky, a brown ring
-        # on wall are no longer "sky", "wall"). docs/default_model.md "Version 5"
-        no_object_bias=4.0, mask_crop_neutral_share=0.3)
+        # v5: SAN's "no object" logit lowered (objects of colours it never learned to name were trained as nothing
+        # until v4, and their proposals' object share stayed ~0.01-0.3; v6's SAN learnt they are objects, bias 2
+        # measures as 4 on drawings and better on the world), and every crop's distribution takes 0.3 from a neutral
+        # crop (the mask's own pixels in its shape on grey: a blue hexagon on sky, a brown ring on wall are no
+        # longer "sky", "wall"). docs/default_model.md "Version 5", "Version 6"
+        no_object_bias=2.0, mask_crop_neutral_share=0.3)
 
 
 def default_lit_san_config() -> SANConfig:
