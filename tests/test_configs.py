@@ -28,8 +28,8 @@ def _loader(path: Path):
         return load_referring_config
     if name.startswith("groupvit_"):
         return load_groupvit_train_config
-    if name.startswith("default_clip_shapes"):  # the "shapes" family (its file says so)
-        return _load_shapes_config
+    if name.startswith("default_clip_shapes") or "\nfamily: shapes" in "\n" + path.read_text():
+        return _load_shapes_config  # the "shapes" family (its file, or the file it builds on, says so)
     if name.startswith("default_clip") or name.endswith("_clip"):
         return load_contrastive_config
     return load_config
