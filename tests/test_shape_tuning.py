@@ -56,8 +56,15 @@ def test_tiny_run_trains_branch_and_text_only_and_resumes(tmp_path):
 def test_branch_only_run_keeps_the_text_tower_and_continues_an_init_branch(tmp_path):
     """train_text False: from a CLIP that already has a branch, only the branch moves (the text embeddings a SAN was
     trained on stay exact); crops are cut once per fill from coarse masks."""
+    from vocabseg.clip.load import save_state_dict
+    from vocabseg.clip.model import CLIP, CLIPConfig
+
     torch.set_num_threads(1)
-    first = _run(tmp_path / "a", max_iters=2, eval_every=2)["final_weights"]
+    base = vc.load(DEFAULT_CLIP_WEIGHTS)
+    with_branch = CLIP(CLIPConfig.from_dict({**base.config.to_dict(), "vision_conv_branch": 8}))
+    with_branch.load_state_dict(base.state_dict(), strict=False)
+    torch.nn.init.normal_(with_branch.visual.conv_branch.proj.weight, std=0.1)  # a branch that already learnt
+    first = save_state_dict(with_branch, tmp_path / "init.safetensors")
     result = _run(tmp_path / "b", init_clip=str(first), train_text=False, crop_fills=["mask_mean", "neutral"],
                   crop_mask_stride=8, crop_world={"ground_color_prob": 0.5})
     init, tuned = vc.load(first).state_dict(), vc.load(result["final_weights"]).state_dict()
