@@ -248,6 +248,7 @@ class ShapeTuningFamily(Family):
         model = ShapeTuning(clip, c.branch_channels).to(device)
         self.prompts = _Prompts()
         self.tokens = {k: tokenize(v) for k, v in self.prompts.train.items()}
+        self._fixed_text = None
         self.keep_tokens = tokenize(self.prompts.keep)
         with torch.no_grad():
             self.keep_reference = F.normalize(base.encode_text(self.keep_tokens), dim=-1)
@@ -294,8 +295,12 @@ class ShapeTuningFamily(Family):
         if step % 2:
             images = images.flip(3)
         clip = model.clip
-        with torch.set_grad_enabled(c.train_text):
-            text = {k: self._encode(clip, t.to(device)) for k, t in self.tokens.items()}
+        text = self._fixed_text if not c.train_text else None  # a frozen tower's prompts are encoded once
+        if text is None:
+            with torch.set_grad_enabled(c.train_text):
+                text = {k: self._encode(clip, t.to(device)) for k, t in self.tokens.items()}
+            if not c.train_text:
+                self._fixed_text = text
         feats = clip.visual.conv_branch.features(images)
         emb = F.normalize(frozen + clip.visual.conv_branch.proj(feats), dim=-1)
         scale = clip.logit_scale.exp().detach()
