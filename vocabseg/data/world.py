@@ -512,6 +512,12 @@ def _sample_bands(rng: np.random.Generator, config: WorldConfig) -> list[StuffBa
     return bands
 
 
+def _jittered_rgb(rng: np.random.Generator, color: str, amount: float) -> tuple[float, float, float]:
+    """``COLOR_RGB[color]`` with each channel moved by up to ``amount`` (one draw of three uniforms)."""
+    jitter = rng.uniform(-amount, amount, 3)
+    return tuple(float(v) for v in np.clip(np.array(COLOR_RGB[color]) + jitter, 0, 255))
+
+
 def _sample_object(rng: np.random.Generator, config: WorldConfig, h: int, w: int,
                    placed: list[ObjectSpec]) -> ObjectSpec:
     category = _pick(rng, config.categories)
@@ -529,8 +535,7 @@ def _sample_object(rng: np.random.Generator, config: WorldConfig, h: int, w: int
                for o in placed):
             break
     rotation = float(rng.uniform(-40, 40) if category == "heart" else rng.uniform(0, 360))
-    jitter = rng.uniform(-config.color_jitter, config.color_jitter, 3)
-    rgb = tuple(float(v) for v in np.clip(np.array(COLOR_RGB[color]) + jitter, 0, 255))
+    rgb = _jittered_rgb(rng, color, config.color_jitter)
     texture = texture_color = texture_rgb = None
     if config.textures and rng.random() < config.texture_prob:
         texture = _pick(rng, config.textures)
@@ -562,8 +567,7 @@ def _ground_colored(rng: np.random.Generator, config: WorldConfig, obj: ObjectSp
     if not options:
         return obj
     color = _pick(rng, options)
-    jitter = rng.uniform(-config.color_jitter, config.color_jitter, 3)
-    rgb = tuple(float(v) for v in np.clip(np.array(COLOR_RGB[color]) + jitter, 0, 255))
+    rgb = _jittered_rgb(rng, color, config.color_jitter)
     if obj.texture_color == color:  # a texture in the object's own colour would not show
         return dataclasses.replace(obj, color=color, rgb=rgb, texture=None, texture_color=None, texture_rgb=None)
     return dataclasses.replace(obj, color=color, rgb=rgb)

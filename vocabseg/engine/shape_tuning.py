@@ -142,7 +142,7 @@ def build_pool(cfg: ShapeTuningConfig, clip: nn.Module, log=print) -> dict[str, 
         xs, labels = [], []
         for i in range(n):
             x, lab = _object_and_stuff_crops(generate_sample(sample_seed(cfg.seed * 100 + stream, i), crop_world),
-                                             size, tuple(cfg.crop_fills), cfg.crop_mask_stride)
+                                             size, cfg.crop_fills, cfg.crop_mask_stride)
             xs.append(x)
             labels += lab
         x = torch.cat(xs)
