@@ -197,3 +197,25 @@ def test_closed_set_model_exports_without_a_text_input(tmp_path):
     rgb = np.random.default_rng(5).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     vocab = ["a", "b", "c", "d"]
     assert np.array_equal(segmenter.predict(rgb, vocab).labels, model.predict(rgb, vocab).labels)
+
+
+def test_nested_cut_traces_into_onnx(tmp_path):
+    """The default's nested-proposal cut (a confident star cut out of the wall masks over it) in onnxruntime."""
+    from vocabseg.export.onnx import _onnx_export
+    from vocabseg.models.san import cut_nested_proposals
+
+    class Cut(torch.nn.Module):
+        def forward(self, probs, logits):
+            return cut_nested_proposals(probs, logits, 0.8)
+
+    logits = torch.full((1, 3, 8, 8), -8.0)
+    logits[0, :2] = 6.0
+    logits[0, 2, 2:5, 2:5] = 6.0
+    probs = torch.tensor([[[0.97, 0.0], [0.95, 0.0], [0.0, 0.9]]])
+    axes = {"probs": {1: "q"}, "logits": {1: "q", 2: "h", 3: "w"}}
+    _onnx_export(Cut(), (probs, logits), tmp_path / "cut.onnx", ("probs", "logits"), ("out",), 18, "torchscript",
+                 axes, None)
+    eager = cut_nested_proposals(probs, logits, 0.8)
+    assert (eager[0, :2, 2:5, 2:5] < -5).all()  # the cut fired
+    (out,) = _session(tmp_path / "cut.onnx").run(None, {"probs": probs.numpy(), "logits": logits.numpy()})
+    assert np.allclose(torch.sigmoid(torch.from_numpy(out)).numpy(), eager.sigmoid().numpy(), atol=1e-5)

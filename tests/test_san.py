@@ -443,3 +443,31 @@ def test_split_limits_keep_small_pieces_and_low_share_proposals_whole():
     out_probs, masks = run(mask_split_max=1)           # only the proposal with the larger object share splits
     assert (out_probs.sum(-1) > 0).tolist() == [[True, True, True, False]]
     assert torch.equal(out_probs[0, 2], probs[0, 1]) and torch.equal(masks[0, 2], logits[0, 1])
+
+
+def test_nested_cut_gives_a_confident_object_its_pixels_inside_a_larger_background_mask():
+    from vocabseg.models.san import cut_nested_proposals
+    from vocabseg.postprocess import MaskScores
+
+    logits = torch.full((1, 4, 8, 8), -8.0)
+    logits[0, 0] = 6.0                  # "wall", drawn over everything, the star included
+    logits[0, 1] = 6.0                  # a second "wall" proposal alike
+    logits[0, 2, 2:5, 2:5] = 6.0        # the star's own proposal, 9 cells
+    logits[0, 3, 5:7, 5:7] = 6.0        # a doubtful "star" proposal over the wall
+    probs = torch.tensor([[[0.97, 0.0], [0.95, 0.0], [0.0, 0.9], [0.3, 0.4]]])  # classes: wall, star
+    scores = MaskScores(probs[0], logits[0], (8, 8), (8, 8), (8, 8))
+    assert (scores.rows(0, 8).argmax(0)[2:5, 2:5] == 0).all()  # the two wall masks outweigh the star's own
+    cut = cut_nested_proposals(probs, logits, 0.8)
+    labels = MaskScores(probs[0], cut[0], (8, 8), (8, 8), (8, 8)).rows(0, 8).argmax(0)
+    assert (labels[2:5, 2:5] == 1).all() and (labels[5:7, 5:7] == 0).all() and (labels[0] == 0).all()
+    assert (cut[0, 0, 2:5, 2:5] < -5).all() and torch.allclose(cut[0, 0, 0].sigmoid(), logits[0, 0, 0].sigmoid(), atol=1e-3)
+    assert torch.equal(cut[0, 2:], logits[0, 2:])  # the star and the doubtful proposal: untouched
+    assert torch.equal(cut_nested_proposals(probs, logits, 0.99), logits)  # nothing that confident
+    same = probs.clone()
+    same[0, 2] = torch.tensor([0.9, 0.0])  # a small proposal of the wall's own class cuts nothing
+    assert torch.equal(cut_nested_proposals(same, logits, 0.8), logits)
+    # a confident proposal half the size of the larger one, or mostly outside it, is not nested
+    half = torch.full((1, 2, 4, 4), -8.0)
+    half[0, 0, :, :2] = 6.0
+    half[0, 1, :, 1:3] = 6.0
+    assert torch.allclose(cut_nested_proposals(torch.tensor([[[0.9, 0.0], [0.0, 0.9]]]), half, 0.8), half)

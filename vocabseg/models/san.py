@@ -89,6 +89,10 @@ class SANConfig:
     # subtracted from the "no object" logit at inference: a proposal SAN recognises but doubts (an object of a colour
     # it was never taught to name: trained as nothing until v4) keeps more of its mass. 0 for the official models
     no_object_bias: float = 0.0
+    # > 0: a proposal this confident in its top class (after the crop ensemble) is cut out of every larger proposal of
+    # another class that covers it (cut_nested_proposals). Sums over proposals let two large "wall" masks that also
+    # cover a red star outweigh the star's own confident mask; cut, the star's pixels are the star's. 0: off
+    nested_cut_confidence: float = 0.0
 
 
 CROP_FILLS = ("mask_mean", "surround_mean", "neutral")
@@ -264,10 +268,37 @@ def object_probs(logits: torch.Tensor, cfg: SANConfig) -> torch.Tensor:
     return logits.softmax(-1)[..., :-1]
 
 
+def cut_nested_proposals(probs: torch.Tensor, mask_logits: torch.Tensor, min_confidence: float,
+                         min_cover: float = 0.5, max_area_ratio: float = 0.5) -> torch.Tensor:
+    """Cut confident small proposals out of the larger proposals of other classes that cover them.
+
+    probs [B, Q, C], mask_logits [B, Q, h, w] -> mask logits with σ_b(x) · Π_s (1 - σ_s(x)) for every proposal b and
+    every proposal s nested in it: s is confident (its top class probability ≥ ``min_confidence``), names another
+    class than b, is at most ``max_area_ratio`` of b's (soft) area and lies at least ``min_cover`` inside b. A
+    background mask that SAN drew over an object then no longer adds up against the object's own mask. Tensor
+    operations only (traces into ONNX).
+    """
+    b, q, h, w = mask_logits.shape
+    logits = mask_logits.flatten(2)
+    sig = logits.sigmoid()  # [B, Q, N]
+    area = sig.sum(-1)  # [B, Q]
+    cover = (sig @ sig.transpose(1, 2)) / area.clamp_min(1e-6).unsqueeze(1)  # [B, b, s]: share of s inside b
+    confidence, top = probs.max(-1)
+    nested = ((cover >= min_cover)
+              & (area.unsqueeze(2) * max_area_ratio >= area.unsqueeze(1))
+              & (top.unsqueeze(2) != top.unsqueeze(1))
+              & (confidence >= min_confidence).unsqueeze(1))
+    keep = torch.log1p(-sig.clamp(max=1 - 1e-6))  # log(1 - σ_s)
+    log_cut = F.logsigmoid(logits) + nested.to(sig.dtype) @ keep  # log of the cut σ_b
+    cut = log_cut.exp().clamp(max=1 - 1e-6)
+    was_cut = nested.any(-1, keepdim=True)  # the others keep their logits exactly
+    return torch.where(was_cut, log_cut - torch.log1p(-cut), logits).view(b, q, h, w)
+
+
 def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
                      text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default's steps after SAN's own inference, per its config: split proposals into connected pieces, then
-    the crop ensemble. (probs [B, Q, C], mask_logits [B, Q, h, w]) -> the same for the (possibly more) proposals."""
+    """The default's steps after SAN's own inference, per its config: split proposals into connected pieces, the
+    crop ensemble, then cut confident proposals out of the larger ones covering them. (probs [B, Q, C], mask_logits [B, Q, h, w]) -> the same for the (possibly more) proposals."""
     cfg = model.config
     weight: float | torch.Tensor = cfg.mask_crop_ensemble
     outline = None
@@ -290,6 +321,8 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
     if cfg.mask_crop_ensemble > 0:
         probs = mask_crop_ensemble(model.clip, pixels, probs, mask_logits, text_embeddings, weight,
                                    cfg.mask_crop_fill, outline, cfg.mask_split_outline, cfg.mask_crop_neutral_share)
+    if cfg.nested_cut_confidence > 0:
+        mask_logits = cut_nested_proposals(probs, mask_logits, cfg.nested_cut_confidence)
     return probs, mask_logits
 
 
