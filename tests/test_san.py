@@ -463,6 +463,7 @@ def test_nested_cut_gives_a_confident_object_its_pixels_inside_a_larger_backgrou
     assert (cut[0, 0, 2:5, 2:5] < -5).all() and torch.allclose(cut[0, 0, 0].sigmoid(), logits[0, 0, 0].sigmoid(), atol=1e-3)
     assert torch.equal(cut[0, 2:], logits[0, 2:])  # the star and the doubtful proposal: untouched
     assert torch.equal(cut_nested_proposals(probs, logits, 0.99), logits)  # nothing that confident
+    assert torch.equal(cut_nested_proposals(probs, logits, 0.8, max_area_ratio=0.1), logits)  # 9/64 cells: too large
     same = probs.clone()
     same[0, 2] = torch.tensor([0.9, 0.0])  # a small proposal of the wall's own class cuts nothing
     assert torch.equal(cut_nested_proposals(same, logits, 0.8), logits)

@@ -460,3 +460,21 @@ def test_world_probabilities_are_checked():
     for name in ("same_color_prob", "ground_color_prob"):
         with pytest.raises(ConfigError, match=name):
             WorldConfig(**{name: 1.5})
+
+
+def test_plain_tone_power_spreads_paper_towards_mid_grey():
+    from vocabseg.data.world import WorldConfig, generate_sample
+    from vocabseg.errors import ConfigError
+
+    def paper(power=None):
+        extra = {} if power is None else {"plain_tone_power": power}
+        cfg = WorldConfig(min_size=64, max_size=64, min_objects=0, max_objects=0, stuff=("background",),
+                          plain_tones=True, **extra)
+        return np.array([generate_sample(seed, cfg).image.astype(np.float32).mean() for seed in range(24)])
+
+    near_white, grey = paper(1.5), paper(0.5)
+    assert (grey <= near_white + 0.5).all()  # the same draws, each paper at least as dark
+    assert near_white.mean() - grey.mean() > 10 and grey.min() > 150
+    assert np.array_equal(paper(), near_white)  # 1.5 is the default (the spread before the option existed)
+    with pytest.raises(ConfigError, match="plain_tone_power"):
+        WorldConfig(plain_tone_power=0.0)

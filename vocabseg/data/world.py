@@ -187,6 +187,9 @@ class WorldConfig:
     # Closer to what people draw (all off by default, so existing datasets stay bit-identical):
     plain_prob: float = 0.15  # chance that a scene allowed to have one is a plain backdrop alone
     plain_tones: bool = False  # plain backdrop of any paper tone (white..mid grey, cream, faint tints), not 3 fixed
+    # how the paper's grey spreads with plain_tones: 255 - 75 * u ** power for uniform u; 1.5 keeps most paper near
+    # white, 0.5 makes mid-grey paper common (white objects on grey paper, what plain drawings show)
+    plain_tone_power: float = 1.5
     huge_prob: float = 0.0  # chance an object is drawn huge (radius 0.26-0.42 of the short side, up to ~55 % cover)
     hard_edge_prob: float = 0.0  # chance a scene's objects are drawn without anti-aliasing
     jpeg_prob: float = 0.0  # chance a scene is JPEG-compressed (quality 40-95)
@@ -228,6 +231,8 @@ class WorldConfig:
             raise ConfigError(f"WorldConfig.size_multiple must be 1..min_size, got {self.size_multiple}.")
         if self.max_stuff_regions < 1 or self.captions_per_image < 0:
             raise ConfigError("WorldConfig needs max_stuff_regions >= 1 and captions_per_image >= 0.")
+        if not self.plain_tone_power > 0:
+            raise ConfigError(f"WorldConfig.plain_tone_power must be > 0, got {self.plain_tone_power}.")
         for name in ("square_prob", "texture_prob", "blur_prob", "noise_prob", "plain_prob", "huge_prob",
                      "hard_edge_prob", "jpeg_prob", "same_color_prob", "ground_color_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -635,9 +640,10 @@ def _mix(base: np.ndarray, *terms: tuple[np.ndarray, Sequence[float]]) -> np.nda
 
 
 def _stuff_texture(name: str, y0: int, y1: int, width: int, top: float, bottom: float,
-                   rng: np.random.Generator, plain_tones: bool = False) -> np.ndarray:
+                   rng: np.random.Generator, plain_tones: float = 0.0) -> np.ndarray:
     """Channel-first float32 (3, y1 - y0, width) appearance of a stuff class for rows y0..y1.
-    ``top``/``bottom`` are the band's mean boundary rows (for gradients and lane marks)."""
+    ``top``/``bottom`` are the band's mean boundary rows (for gradients and lane marks); ``plain_tones`` > 0: a
+    plain backdrop takes any paper tone, its grey spread by that power (0: three fixed papers)."""
     h = y1 - y0
     tiles = _tiles()
     ys = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5
@@ -699,7 +705,7 @@ def _stuff_texture(name: str, y0: int, y1: int, width: int, top: float, bottom: 
         r = rng.random()
         base = (248, 248, 246) if r < 0.6 else (215, 215, 212) if r < 0.8 else (240, 232, 205)
         if plain_tones:  # any paper: white to mid grey, cream, or a faint tint
-            grey = 255.0 - 75.0 * rng.random() ** 1.5
+            grey = 255.0 - 75.0 * rng.random() ** plain_tones
             tint = rng.uniform(-1, 1, 3) * (12.0 if rng.random() < 0.3 else 3.0)
             if rng.random() < 0.25:
                 tint += (6.0, 2.0, -22.0)  # cream
@@ -726,7 +732,7 @@ def _stuff_texture(name: str, y0: int, y1: int, width: int, top: float, bottom: 
 
 
 def _render_background(spec: SceneSpec, rng: np.random.Generator,
-                       plain_tones: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       plain_tones: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Anti-aliased channel-first background (3, H, W) float32 and stuff map (STUFF_CLASSES ids)."""
     h, w = spec.height, spec.width
     xs = np.arange(w, dtype=np.float64) + 0.5
@@ -827,7 +833,8 @@ def render_scene(spec: SceneSpec, config: WorldConfig = WorldConfig(),
     """Render a scene description: image, label maps, records and captions."""
     h, w = spec.height, spec.width
     rng = np.random.default_rng(spec.render_seed)
-    image, stuff_map = _render_background(spec, rng, config.plain_tones)  # channel-first while rendering
+    tones = config.plain_tone_power if config.plain_tones else 0.0
+    image, stuff_map = _render_background(spec, rng, tones)  # channel-first while rendering
     category_map = stuff_map.copy()
     instance_map = np.zeros((h, w), np.uint8 if len(spec.objects) < 256 else np.uint16)
     s = 1 if spec.hard_edges else config.supersample

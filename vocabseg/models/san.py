@@ -89,10 +89,12 @@ class SANConfig:
     # subtracted from the "no object" logit at inference: a proposal SAN recognises but doubts (an object of a colour
     # it was never taught to name: trained as nothing until v4) keeps more of its mass. 0 for the official models
     no_object_bias: float = 0.0
-    # > 0: a proposal this confident in its top class (after the crop ensemble) is cut out of every larger proposal of
-    # another class that covers it (cut_nested_proposals). Sums over proposals let two large "wall" masks that also
-    # cover a red star outweigh the star's own confident mask; cut, the star's pixels are the star's. 0: off
+    # > 0: a proposal this confident in its top class (after the crop ensemble) is cut out of every proposal of
+    # another class that covers it and is at least 1 / nested_cut_area_ratio times its area (cut_nested_proposals).
+    # Sums over proposals let two large "wall" masks that also cover a red star outweigh the star's own confident
+    # mask; cut, the star's pixels are the star's. 0: off
     nested_cut_confidence: float = 0.0
+    nested_cut_area_ratio: float = 0.5
 
 
 CROP_FILLS = ("mask_mean", "surround_mean", "neutral")
@@ -322,7 +324,8 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
         probs = mask_crop_ensemble(model.clip, pixels, probs, mask_logits, text_embeddings, weight,
                                    cfg.mask_crop_fill, outline, cfg.mask_split_outline, cfg.mask_crop_neutral_share)
     if cfg.nested_cut_confidence > 0:
-        mask_logits = cut_nested_proposals(probs, mask_logits, cfg.nested_cut_confidence)
+        mask_logits = cut_nested_proposals(probs, mask_logits, cfg.nested_cut_confidence,
+                                           max_area_ratio=cfg.nested_cut_area_ratio)
     return probs, mask_logits
 
 
