@@ -460,7 +460,8 @@ def test_nested_cut_gives_a_confident_object_its_pixels_inside_a_larger_backgrou
     cut = cut_nested_proposals(probs, logits, 0.8)
     labels = MaskScores(probs[0], cut[0], (8, 8), (8, 8), (8, 8)).rows(0, 8).argmax(0)
     assert (labels[2:5, 2:5] == 1).all() and (labels[5:7, 5:7] == 0).all() and (labels[0] == 0).all()
-    assert (cut[0, 0, 2:5, 2:5] < -5).all() and torch.allclose(cut[0, 0, 0].sigmoid(), logits[0, 0, 0].sigmoid(), atol=1e-3)
+    assert (cut[0, 0, 2:5, 2:5] < -5).all()
+    assert torch.allclose(cut[0, 0, 0].sigmoid(), logits[0, 0, 0].sigmoid(), atol=1e-3)
     assert torch.equal(cut[0, 2:], logits[0, 2:])  # the star and the doubtful proposal: untouched
     assert torch.equal(cut_nested_proposals(probs, logits, 0.99), logits)  # nothing that confident
     assert torch.equal(cut_nested_proposals(probs, logits, 0.8, max_area_ratio=0.1), logits)  # 9/64 cells: too large
@@ -472,3 +473,45 @@ def test_nested_cut_gives_a_confident_object_its_pixels_inside_a_larger_backgrou
     half[0, 0, :, :2] = 6.0
     half[0, 1, :, 1:3] = 6.0
     assert torch.allclose(cut_nested_proposals(torch.tensor([[[0.9, 0.0], [0.0, 0.9]]]), half, 0.8), half)
+
+
+def test_unseen_classes_take_the_larger_crop_weight():
+    """FC-CLIP-style ensemble: a vocabulary class whose embedding is none of the trained names' takes
+    ``mask_crop_ensemble_unseen`` as its crop weight; the trained ones keep ``mask_crop_ensemble``."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from vocabseg.models.san import SANConfig, crop_log_probs, refine_proposals, unseen_classes
+
+    torch.manual_seed(0)
+    table = {name: F.normalize(torch.randn(16), dim=0) for name in ("red star", "blue ring", "white arrow")}
+    calls = []
+
+    def text_embeddings(names):
+        calls.append(list(names))
+        return torch.stack([table[n] for n in names])
+
+    cfg = SANConfig(mask_crop_ensemble=0.5, mask_crop_ensemble_unseen=0.95,
+                    trained_class_names=("red star", "blue ring"))
+    model = SimpleNamespace(clip=_tiny_crop_clip(), config=cfg, text_embeddings=text_embeddings)
+    vocab = text_embeddings(["blue ring", "white arrow", "red star"])
+    calls.clear()
+    assert unseen_classes(model, vocab).tolist() == [False, True, False]
+    assert unseen_classes(model, vocab * 2).tolist() == [False, True, False]  # by direction, not length
+    assert calls == [["red star", "blue ring"]]  # the trained names are encoded once per model
+    for off in (replace(cfg, mask_crop_ensemble_unseen=0.0), replace(cfg, trained_class_names=())):
+        assert unseen_classes(SimpleNamespace(config=off, text_embeddings=text_embeddings), vocab) is None
+
+    pixels, logits = torch.randn(1, 3, 64, 64), torch.full((1, 2, 4, 4), -5.0)
+    logits[0, 0, :2, :2], logits[0, 1, 2:, 2:] = 4.0, 4.0
+    probs = torch.tensor([[[0.7, 0.05, 0.15], [0.2, 0.3, 0.4]]])
+    with torch.no_grad():
+        out, _ = refine_proposals(model, pixels, probs, logits, vocab)
+        crop, _ = crop_log_probs(model.clip, pixels, logits, vocab, "mask_mean")
+    weight = torch.tensor([0.5, 0.95, 0.5])
+    expected = ((1 - weight) * probs.log() + weight * crop).softmax(-1) * probs.sum(-1, keepdim=True)
+    assert torch.allclose(out, expected, atol=1e-5)
+    model.config = replace(cfg, mask_crop_ensemble_unseen=0.0)
+    with torch.no_grad():
+        plain, _ = refine_proposals(model, pixels, probs, logits, vocab)
+    assert torch.allclose(plain, (0.5 * probs.log() + 0.5 * crop).softmax(-1) * probs.sum(-1, keepdim=True), atol=1e-5)

@@ -59,6 +59,12 @@ class SANConfig:
     # geometrically with this weight on the crop (mask_crop_ensemble). Off for the official models (SAN itself has
     # no such step); the embedded default uses it because its 96-px CLIP sees a small object as a few patches.
     mask_crop_ensemble: float = 0.0
+    # The crop weight for the names SAN's own classifier never learnt (FC-CLIP's in- and out-of-vocabulary ensemble):
+    # a vocabulary name whose text embedding is none of ``trained_class_names``' gets max(weight, this). SAN gives
+    # such a class ~0 (a white arrow, of a colour its training left unnamed, is "yellow star" 0.8 to it), and the
+    # geometric mix lets that ~0 veto the crop. Off (0) or no trained names: one weight for all
+    mask_crop_ensemble_unseen: float = 0.0
+    trained_class_names: tuple[str, ...] = ()
     # What the crop shows outside its mask: "mask_mean" paints it with the mask's own mean colour (an object's crop
     # becomes its colour alone), "surround_mean" with the mean of the crop's other pixels (the object's outline on
     # its surroundings, for a CLIP that knows shapes).
@@ -297,12 +303,30 @@ def cut_nested_proposals(probs: torch.Tensor, mask_logits: torch.Tensor, min_con
     return torch.where(was_cut, log_cut - torch.log1p(-cut), logits).view(b, q, h, w)
 
 
+def unseen_classes(model: nn.Module, text_embeddings: torch.Tensor) -> torch.Tensor | None:
+    """[C] True for the vocabulary classes SAN's classifier never learnt: text embeddings that match none of
+    ``config.trained_class_names``' (cosine < 0.999; the names' embeddings are computed once per model and cached).
+    None when the config names no trained classes or sets no separate weight for them."""
+    cfg = model.config
+    if cfg.mask_crop_ensemble_unseen <= 0 or not cfg.trained_class_names:
+        return None
+    cache = model.__dict__.setdefault("_trained_text_cache", {})
+    key = (cfg.trained_class_names, str(text_embeddings.device))
+    if key not in cache:  # computed outside tracing (the ONNX exporter probes the model first): a constant there
+        cache[key] = F.normalize(model.text_embeddings(list(cfg.trained_class_names)).float(), dim=-1).clone()
+    similarity = F.normalize(text_embeddings.float(), dim=-1) @ cache[key].to(text_embeddings.device).t()
+    return similarity.amax(-1) < 0.999
+
+
 def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor, mask_logits: torch.Tensor,
                      text_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The default's steps after SAN's own inference, per its config: split proposals into connected pieces, the
-    crop ensemble, then cut confident proposals out of the larger ones covering them. (probs [B, Q, C], mask_logits [B, Q, h, w]) -> the same for the (possibly more) proposals."""
+    crop ensemble (a larger crop weight for the classes SAN never learnt), then cut confident proposals out of the
+    larger ones covering them. (probs [B, Q, C], mask_logits [B, Q, h, w]) -> the same for the (possibly more)
+    proposals."""
     cfg = model.config
     weight: float | torch.Tensor = cfg.mask_crop_ensemble
+    unseen = unseen_classes(model, text_embeddings)
     outline = None
     if cfg.mask_split_parts > 1:
         parts = cfg.mask_split_parts
@@ -321,6 +345,10 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
         if cfg.mask_split_outline > 0:
             outline = did_split.squeeze(-1).repeat_interleave(parts, dim=1)
     if cfg.mask_crop_ensemble > 0:
+        if unseen is not None:  # one weight per class: [B, Q, C] from [B, Q, 1] (split) or one number
+            if not torch.is_tensor(weight):
+                weight = torch.tensor(float(weight), device=probs.device).view(1, 1, 1)
+            weight = torch.where(unseen.view(1, 1, -1), weight.clamp_min(cfg.mask_crop_ensemble_unseen), weight)
         probs = mask_crop_ensemble(model.clip, pixels, probs, mask_logits, text_embeddings, weight,
                                    cfg.mask_crop_fill, outline, cfg.mask_split_outline, cfg.mask_crop_neutral_share)
     if cfg.nested_cut_confidence > 0:
