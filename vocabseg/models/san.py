@@ -669,6 +669,7 @@ class SAN(OpenVocabModel):
         if any(k.startswith(("side_adapter_network.", "clip_visual_extractor.", "ov_classifier.")) for k in state):
             state = official_to_vocabseg(state, self.config.rec_start)
         load_strict(self, state, allow_missing_prefix="clip." if allow_missing_clip else None)
+        self.__dict__.pop("_trained_text_cache", None)  # unseen_classes' embeddings came from the old weights
 
 
 # ----------------------------------------------------------------------------------------------- official key map
