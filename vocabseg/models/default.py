@@ -84,9 +84,11 @@ def default_san_config() -> SANConfig:
 
 def default_lit_san_config() -> SANConfig:
     """The default SAN on a LiT CLIP: same image tower and side network, frozen MiniLM text tower (384-d); the
-    v1/v2 crops (no conv branch: that LiT tower was trained without one)."""
+    v1/v2 crops (no conv branch: that LiT tower was trained without one). Its SAN learnt other names
+    (configs/default_san_world.yaml's seen classes), so one crop weight for all names."""
     cfg = default_san_config()
-    return replace(cfg, clip=replace(cfg.clip, embed_dim=384, vision_conv_branch=0), text_tower="minilm")
+    return replace(cfg, clip=replace(cfg.clip, embed_dim=384, vision_conv_branch=0), text_tower="minilm",
+                   mask_crop_ensemble_unseen=0.0, trained_class_names=())
 
 
 @register_model(DEFAULT_MODEL, "san", default_san_config(),

@@ -326,7 +326,6 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
     proposals."""
     cfg = model.config
     weight: float | torch.Tensor = cfg.mask_crop_ensemble
-    unseen = unseen_classes(model, text_embeddings)
     outline = None
     if cfg.mask_split_parts > 1:
         parts = cfg.mask_split_parts
@@ -345,6 +344,7 @@ def refine_proposals(model: nn.Module, pixels: torch.Tensor, probs: torch.Tensor
         if cfg.mask_split_outline > 0:
             outline = did_split.squeeze(-1).repeat_interleave(parts, dim=1)
     if cfg.mask_crop_ensemble > 0:
+        unseen = unseen_classes(model, text_embeddings)
         if unseen is not None:  # one weight per class: [B, Q, C] from [B, Q, 1] (split) or one number
             if not torch.is_tensor(weight):
                 weight = torch.tensor(float(weight), device=probs.device).view(1, 1, 1)
