@@ -238,9 +238,9 @@ def test_other_runnable_reads_this_machine():
 
 
 def test_short_palette_is_a_prefix_of_the_full_one():
-    from vocabseg import viz
+    from vocabseg import palette
 
-    full = viz._greedy_palette(0)
+    full = palette._greedy_palette(0)
     for n in (1, 3, 40):
-        assert np.array_equal(viz.make_palette(n), full[:n])
-    assert len(viz.make_palette(len(full) + 3)) == len(full) + 3
+        assert np.array_equal(palette.make_palette(n), full[:n])
+    assert len(palette.make_palette(len(full) + 3)) == len(full) + 3

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vocabseg.errors import ImageError
+from vocabseg.palette import make_palette
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageInput", "list_images", "load_image", "read_label_png", "save_label_png"]
 
@@ -245,7 +246,7 @@ def save_label_png(
     with colours and keeps exact indices; 255 is the usual "ignore" value. Larger indices, or a
     palette with more than 256 colours (so all maps of one dataset share a format), give a 16-bit
     grayscale PNG (indices up to 65535; no colours). ``palette`` defaults to
-    :func:`vocabseg.viz.make_palette`. The file is written to a temporary name in the same folder and
+    :func:`vocabseg.palette.make_palette`. The file is written to a temporary name in the same folder and
     then renamed, so an interrupted write never leaves a broken file at ``path``.
     """
     labels = np.asarray(labels)
@@ -270,8 +271,6 @@ def save_label_png(
         im = Image.fromarray(labels.astype(np.uint16))
     else:
         if palette is None:
-            from vocabseg.viz import make_palette  # local import: viz imports this module
-
             palette = make_palette(256)
         pal = np.zeros((256, 3), dtype=np.uint8)
         pal[: len(palette)] = np.clip(palette, 0, 255).astype(np.uint8)
